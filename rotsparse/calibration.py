@@ -1,0 +1,200 @@
+"""Layer-by-layer calibration: only one layer's activations are held at any time.
+
+The inputs of every decoder layer (hidden states of layer 0, and the per-layer keyword arguments such as
+attention masks and rotary embeddings, which differ between layer types in e.g. Gemma-3) are recorded in
+one cheap pass where every layer is replaced by a pass-through recorder. Then layers run one at a time
+over all calibration sequences, and hooks accumulate uncentred second moments in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import LayerAdapter, ModelAdapter
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for a decoder layer: records (hidden_states, kwargs) and passes hidden_states through."""
+
+    def __init__(self, layer: nn.Module, records: list):
+        super().__init__()
+        self.wrapped = layer
+        self.records = records
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["wrapped"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("rotsparse expects decoder layers to be called with keyword arguments after hidden_states")
+        self.records.append(kwargs)
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _recording_layers(adapter: ModelAdapter, records: list[list]):
+    layers = adapter.layers
+    originals = list(layers)
+    for index, layer in enumerate(originals):
+        layers[index] = _InputRecorder(layer, records[index])
+    try:
+        yield
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer during calibration.
+
+    hidden[i]: input hidden states of sequence i, shape (1, seq, d). kwargs[i]: its layer keyword arguments.
+    token_mask[i]: (1, seq) bool, False on padding.
+    """
+
+    index: int
+    layer: nn.Module
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    token_mask: list[torch.Tensor]
+    outputs: list[torch.Tensor] | None = None
+    """Set by a consumer that already ran the dense layer, so it is not run twice."""
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module | None = None) -> list[torch.Tensor]:
+        """Outputs of `layer` (default: this step's layer) on every sequence."""
+        layer = self.layer if layer is None else layer
+        outputs = []
+        for hidden, kwargs in zip(self.hidden, self.kwargs):
+            output = layer(hidden, **kwargs)
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+        return outputs
+
+
+def layerwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None, progress: bool = True) -> Iterator[LayerStep]:
+    """Yield a `LayerStep` per decoder layer; after each, advance the hidden states through the dense layer.
+
+    input_ids: (n, seq) long. attention_mask: (n, seq), 1 on real tokens. Sequences run one at a time.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"calibration input_ids must have shape (n, seq) with n, seq > 0, got {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    device = adapter.embed_tokens.weight.device
+    num_layers = len(adapter.layers)
+    records: list[list[dict]] = [[] for _ in range(num_layers)]
+    hidden: list[torch.Tensor] = []
+    token_mask: list[torch.Tensor] = []
+    with torch.no_grad(), _recording_layers(adapter, records):
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row : row + 1].to(device)
+            mask = None if attention_mask is None else attention_mask[row : row + 1].to(device)
+            hidden.append(adapter.embed_tokens(ids))
+            token_mask.append(torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
+            adapter.base(input_ids=ids, attention_mask=mask, use_cache=False)
+    for index in tqdm(range(num_layers), desc="calibrating layers", disable=not progress):
+        layer = adapter.layers[index]
+        kwargs = [records[index][row] for row in range(len(hidden))]
+        step = LayerStep(index, layer, hidden, kwargs, token_mask)
+        yield step
+        outputs = step.outputs if step.outputs is not None else step.run()
+        for output, mask in zip(outputs, token_mask):
+            if not torch.isfinite(output[mask]).all():
+                raise FloatingPointError(
+                    f"NaN/Inf in the activations after decoder layer {index}; the model or its inputs are broken "
+                    f"(try float32, or check the weights)"
+                )
+        hidden[:] = outputs
+        records[index] = []
+
+
+def normalized_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) per row, in float64, as RMSNorm computes it before its scale. (n, d) -> (n, d)."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class SecondMoment:
+    """Running uncentred second moment X^T X (d, d) in float64 and its token count."""
+
+    def __init__(self, width: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        if not torch.isfinite(rows).all():
+            raise FloatingPointError("NaN/Inf in calibration activations")
+        self.sum += rows.T @ rows
+        self.tokens += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens were seen")
+        return self.sum / self.tokens
+
+
+@dataclass
+class LayerStatistics:
+    """Second moments of the normalised inputs of a layer's attention and MLP (both (d, d), float64)."""
+
+    attn_input: torch.Tensor
+    mlp_input: torch.Tensor
+    tokens: int
+
+
+@contextlib.contextmanager
+def _norm_input_moments(layer_adapter: LayerAdapter, device):
+    """Accumulate second moments of the normalised inputs of the attention and MLP pre-norms."""
+    width = layer_adapter.attn_input_norm.weight.shape[-1]
+    moments = {"attn": SecondMoment(width, device), "mlp": SecondMoment(width, device)}
+    current_mask: list[torch.Tensor] = []
+
+    def make_hook(key: str, norm: nn.Module):
+        eps = layer_adapter.norm_eps(norm)
+
+        def hook(module, args):
+            x = args[0]
+            rows = x[current_mask[0]] if current_mask else x.reshape(-1, x.shape[-1])
+            moments[key].add(normalized_rows(rows.reshape(-1, x.shape[-1]).to(device), eps))
+
+        return hook
+
+    handles = [
+        layer_adapter.attn_input_norm.register_forward_pre_hook(make_hook("attn", layer_adapter.attn_input_norm)),
+        layer_adapter.mlp_input_norm.register_forward_pre_hook(make_hook("mlp", layer_adapter.mlp_input_norm)),
+    ]
+    try:
+        yield moments, current_mask
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def collect_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, progress: bool = True,
+                       stats_device: torch.device | str = "cpu") -> list[LayerStatistics]:
+    """Per-layer second moments of the normalised attention and MLP inputs (padding masked out)."""
+    statistics = []
+    for step in layerwise(model, adapter, input_ids, attention_mask, progress):
+        layer_adapter = adapter.layer_adapter_class(step.layer)
+        outputs = []
+        with _norm_input_moments(layer_adapter, stats_device) as (moments, current_mask), torch.no_grad():
+            for hidden, kwargs, mask in zip(step.hidden, step.kwargs, step.token_mask):
+                current_mask[:] = [mask]
+                output = step.layer(hidden, **kwargs)
+                outputs.append(output[0] if isinstance(output, tuple) else output)
+        step.outputs = outputs
+        statistics.append(LayerStatistics(moments["attn"].mean, moments["mlp"].mean, moments["attn"].tokens))
+    return statistics

@@ -1,0 +1,134 @@
+"""The user's request (`SparsifyConfig`) and what calibration decided from it (`SparsityPlan`).
+
+Both are small, frozen and JSON-serializable; they are saved next to the weights as ``rotsparse.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+SITES = ("h1", "h2", "h3", "h4")
+"""Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
+
+METHODS = ("larosa", "topk")
+"""``larosa``: layerwise PCA rotations folded into the weights, then Top-K. ``topk``: Top-K alone (TEAL-style)."""
+
+DEFAULT_SITE_COEFFICIENTS = {
+    # LaRoSA's release sparsifies h1/h3 less and h2/h4 more than the target.
+    "larosa": (0.8, 1.2, 0.8, 1.2),
+    "topk": (1.0, 1.0, 1.0, 1.0),
+}
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Settings of one `rotsparse.sparsify` call.
+
+    sparsity: requested parameter-weighted effective sparsity in [0, 1).
+    method: one of `METHODS`.
+    site_coefficients: relative sparsity of (h1, h2, h3, h4); rescaled so the weighted mean hits `sparsity`.
+        None picks the method's default (`DEFAULT_SITE_COEFFICIENTS`).
+    num_sequences, sequence_length: calibration size (tokens = product).
+    seed: seeds anything random in calibration.
+    """
+
+    sparsity: float = 0.4
+    method: str = "larosa"
+    site_coefficients: tuple[float, float, float, float] | None = None
+    num_sequences: int = 16
+    sequence_length: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity):
+            raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.site_coefficients is not None:
+            coefficients = tuple(float(c) for c in self.site_coefficients)
+            if len(coefficients) != len(SITES) or any(c < 0 or not math.isfinite(c) for c in coefficients):
+                raise ValueError(f"site_coefficients must be 4 finite numbers >= 0 for {SITES}, got {self.site_coefficients!r}")
+            if sum(coefficients) == 0:
+                raise ValueError("site_coefficients must not all be zero")
+            object.__setattr__(self, "site_coefficients", coefficients)
+        if self.num_sequences < 1 or self.sequence_length < 1:
+            raise ValueError("num_sequences and sequence_length must be >= 1")
+
+    @property
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """The per-site coefficients in effect (explicit or the method's default)."""
+        return self.site_coefficients or DEFAULT_SITE_COEFFICIENTS[self.method]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparsifyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SparsifyConfig fields {sorted(unknown)}")
+        data = dict(data)
+        if data.get("site_coefficients") is not None:
+            data["site_coefficients"] = tuple(data["site_coefficients"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class SparsityPlan:
+    """What calibration decided: K per site per layer, and whether the residual stream is rotated.
+
+    keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l.
+    site_sizes[l][s]: (input width, parameters fed) of that site, for effective-sparsity accounting.
+    rotated: True when layerwise rotations were folded into the weights.
+    """
+
+    keep_k: tuple[tuple[int, ...], ...]
+    site_sizes: tuple[tuple[tuple[int, int], ...], ...]
+    rotated: bool
+    config: SparsifyConfig = field(default_factory=SparsifyConfig)
+
+    @property
+    def effective_sparsity(self) -> float:
+        """Fraction of weight columns skipped per token, weighted by the parameters each site feeds."""
+        skipped = total = 0
+        for layer_k, layer_sizes in zip(self.keep_k, self.site_sizes):
+            for k, (width, params) in zip(layer_k, layer_sizes):
+                skipped += (width - k) * (params // width)
+                total += params
+        return skipped / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "rotated": self.rotated,
+            "keep_k": [list(k) for k in self.keep_k],
+            "site_sizes": [[list(s) for s in layer] for layer in self.site_sizes],
+            "effective_sparsity": self.effective_sparsity,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparsityPlan":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"rotsparse format version {version!r} is not supported by this rotsparse "
+                f"(it reads version {FORMAT_VERSION}); upgrade rotsparse or re-sparsify the model"
+            )
+        return cls(
+            keep_k=tuple(tuple(int(k) for k in layer) for layer in data["keep_k"]),
+            site_sizes=tuple(tuple((int(w), int(p)) for w, p in layer) for layer in data["site_sizes"]),
+            rotated=bool(data["rotated"]),
+            config=SparsifyConfig.from_dict(data["config"]),
+        )

@@ -1,0 +1,45 @@
+"""Tiny random models of every supported family, for fast mathematical tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, PretrainedConfig,
+                          Qwen2Config)
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+
+
+def tiny_config(family: str, num_layers: int = 2, hidden_size: int = 64, vocab_size: int = 128) -> PretrainedConfig:
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 16,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=True)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=16)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                                + ["sliding_attention"] * (num_layers % 2))
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs):
+    """A random model with non-trivial norm weights and biases, in float32 eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(torch.rand_like(parameter) + 0.5 if family != "gemma3_text"
+                                else torch.rand_like(parameter) - 0.5)
+            elif name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    return model.eval()
+
+
+def random_tokens(vocab_size: int = 128, num_sequences: int = 4, length: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_sequences, length), generator=generator)
