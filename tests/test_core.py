@@ -1,0 +1,260 @@
+"""Mathematical facts of the core on tiny random models of every supported family."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import rotsparse
+from rotsparse.config import SITES, SparsifyConfig, SparsityPlan
+from rotsparse.rotation import fold_input, pca_rotation, residual_adapter, rotate_output
+from rotsparse.topk import TopKLinear, allocate_keep_k, keep_topk
+
+from tiny_models import FAMILIES, random_tokens, tiny_model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["larosa", "topk"])
+def test_sparsity_zero_is_invariant(family, method):
+    model = tiny_model(family)
+    tokens = random_tokens()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    rotsparse.sparsify(model, sparsity=0.0, method=method, calibration=random_tokens(seed=7), progress=False)
+    with torch.no_grad():
+        actual = model(tokens).logits
+    assert relative_error(actual, expected) < 1e-4
+    assert model.rotsparse_plan.rotated == (method == "larosa")
+    assert model.rotsparse_plan.effective_sparsity == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotation_really_changes_the_weights(family):
+    """Invariance must come from folding, not from rotations that happen to be the identity."""
+    model = tiny_model(family)
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    rotsparse.sparsify(model, sparsity=0.0, calibration=random_tokens(seed=7), progress=False)
+    embed_after = model.get_input_embeddings().weight.detach()
+    assert relative_error(embed_after, embed_before) > 0.1
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert model.config.tie_word_embeddings is False
+    adapters = [m for m in model.modules() if hasattr(m, "rotsparse_output_rotation")]
+    assert adapters, "no residual adapters were attached"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_site_keeps_exactly_k(family):
+    model = tiny_model(family)
+    rotsparse.sparsify(model, sparsity=0.5, calibration=random_tokens(seed=7), progress=False)
+    seen = {}
+
+    def check(module, args, output):
+        x = args[0]
+        sparse = keep_topk(x, module.keep_k)
+        nonzero = (sparse != 0).sum(-1)
+        expected_count = (x != 0).sum(-1).clamp(max=module.keep_k)  # all-zero rows: Gemma's padding embedding
+        assert bool((nonzero == expected_count).all()), f"{module.site}: kept {nonzero.unique().tolist()}"
+        assert bool((expected_count == module.keep_k).float().mean() > 0.9)
+        expected = torch.nn.functional.linear(sparse, module.weight, module.bias)
+        assert torch.allclose(output, expected, atol=1e-5, rtol=1e-5)
+        seen[module.site] = module.keep_k
+
+    handles = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, TopKLinear)]
+    with torch.no_grad():
+        model(random_tokens(length=16))
+    for handle in handles:
+        handle.remove()
+    assert set(seen) == set(SITES)
+    assert all(0 < k for k in seen.values())
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.4, 0.5, 0.6, 0.9])
+@pytest.mark.parametrize("method", ["larosa", "topk"])
+def test_effective_sparsity_matches_request_within_one_column_per_site(sparsity, method):
+    model = tiny_model("llama", num_layers=3)
+    rotsparse.sparsify(model, sparsity=sparsity, method=method, calibration=random_tokens(seed=7), progress=False)
+    plan = model.rotsparse_plan
+    total = sum(params for layer in plan.site_sizes for _, params in layer)
+    one_column_per_site = sum(params / width for layer in plan.site_sizes for width, params in layer) / total
+    assert abs(plan.effective_sparsity - sparsity) <= one_column_per_site
+    coefficients = SparsifyConfig(method=method).coefficients
+    if method == "larosa" and sparsity <= 0.6:
+        h1, h2 = plan.keep_k[0][0] / plan.site_sizes[0][0][0], plan.keep_k[0][1] / plan.site_sizes[0][1][0]
+        assert h2 < h1, "h2 must be sparser than h1 under LaRoSA's coefficients"
+    assert coefficients == plan.config.coefficients
+
+
+def test_keep_topk_exact_count_and_straight_through_gradient():
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    sparse = keep_topk(x, 7)
+    assert ((sparse != 0).sum(-1) == 7).all()
+    kept_min = sparse.abs().masked_fill(sparse == 0, math.inf).amin(-1)
+    dropped_max = (x.detach().abs() * (sparse == 0)).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    upstream = torch.randn_like(x)
+    (keep_topk(x, 7, straight_through=True) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream)
+    x.grad = None
+    (keep_topk(x, 7) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream * (sparse != 0))
+    assert torch.equal(keep_topk(x, 40), x) and not keep_topk(x, 0).any()
+
+
+def test_pca_rotation_is_orthogonal_sorted_and_deterministic():
+    data = torch.randn(500, 12, dtype=torch.float64) * torch.linspace(0.1, 3, 12, dtype=torch.float64)
+    moment = data.T @ data / 500
+    rotation = pca_rotation(moment)
+    assert torch.allclose(rotation.T @ rotation, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    diagonal = rotation.T @ moment @ rotation
+    assert torch.allclose(diagonal, torch.diag(torch.diagonal(diagonal)), atol=1e-10)
+    eigenvalues = torch.diagonal(diagonal)
+    assert (eigenvalues[:-1] >= eigenvalues[1:]).all()
+    pivots = rotation.abs().argmax(dim=0)
+    assert (rotation[pivots, torch.arange(12)] > 0).all()
+    assert torch.equal(pca_rotation(moment.clone()), rotation)
+    with pytest.raises(ValueError, match="NaN"):
+        pca_rotation(torch.full((3, 3), math.nan))
+
+
+def random_rotation(width: int) -> torch.Tensor:
+    matrix = torch.randn(width, width, dtype=torch.float64)
+    return pca_rotation(matrix @ matrix.T)
+
+
+def test_folding_functions_preserve_the_linear_map():
+    torch.manual_seed(0)
+    rotation = random_rotation(8)
+    weight, scale, x = torch.randn(5, 8, dtype=torch.float64), torch.rand(8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.allclose((x @ rotation) @ fold_input(weight, scale, rotation).T, (scale * x) @ weight.T)
+    out_weight, bias = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    rotated_weight, rotated_bias = rotate_output(out_weight, bias, rotation)
+    h = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(h @ rotated_weight.T + rotated_bias, (h @ out_weight.T + bias) @ rotation)
+    other = random_rotation(8)
+    assert torch.allclose((x @ rotation) @ residual_adapter(rotation, other), x @ other)
+
+
+def test_allocation_rebalances_coefficients_and_caps_at_full_sparsity():
+    sizes = [((100, 10000), (50, 5000), (100, 20000), (200, 20000))] * 2
+    keep = allocate_keep_k(sizes, 0.5, (0.8, 1.2, 0.8, 1.2))
+    plan = SparsityPlan(keep_k=keep, site_sizes=tuple(tuple(s) for s in sizes), rotated=False)
+    assert abs(plan.effective_sparsity - 0.5) < 0.01
+    capped = allocate_keep_k(sizes, 0.5, (1.0, 100.0, 1.0, 100.0))
+    assert capped[0][1] == 0 and capped[0][3] == 0 and 0 < capped[0][0] < 100
+    capped_plan = SparsityPlan(keep_k=capped, site_sizes=tuple(tuple(s) for s in sizes), rotated=False)
+    assert abs(capped_plan.effective_sparsity - 0.5) < 0.01
+    with pytest.raises(ValueError, match="cannot reach"):
+        allocate_keep_k(sizes, 0.9, (0.0, 1.0, 0.0, 0.0))
+
+
+def test_config_and_plan_json_round_trip():
+    config = SparsifyConfig(sparsity=0.45, method="topk", site_coefficients=(1, 2, 1, 2), num_sequences=3)
+    assert SparsifyConfig.from_dict(json.loads(config.to_json())) == config
+    model = tiny_model("qwen2")
+    rotsparse.sparsify(model, config=SparsifyConfig(sparsity=0.3), calibration=random_tokens(), progress=False)
+    plan = model.rotsparse_plan
+    restored = SparsityPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored == plan
+    with pytest.raises(ValueError, match="format version"):
+        SparsityPlan.from_dict({**plan.to_dict(), "format_version": 99})
+    with pytest.raises(ValueError, match="unknown SparsifyConfig fields"):
+        SparsifyConfig.from_dict({"sparsity": 0.4, "colour": "red"})
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, math.nan, math.inf])
+def test_sparsity_out_of_range_is_rejected(sparsity):
+    with pytest.raises(ValueError, match="sparsity must be"):
+        rotsparse.sparsify(tiny_model("llama"), sparsity=sparsity, calibration=random_tokens())
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        SparsifyConfig(method="magic")
+    with pytest.raises(ValueError, match="site_coefficients"):
+        SparsifyConfig(site_coefficients=(1, 1, 1))
+    with pytest.raises(ValueError, match="not both"):
+        rotsparse.sparsify(tiny_model("llama"), sparsity=0.3, config=SparsifyConfig())
+
+
+def test_unsupported_architecture_is_named():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(NotImplementedError, match=r"unsupported architecture: model_type='gpt2'.*llama"):
+        rotsparse.sparsify(model, sparsity=0.4, calibration=random_tokens(vocab_size=64))
+
+
+def test_sparsifying_twice_is_rejected():
+    model = tiny_model("llama")
+    rotsparse.sparsify(model, sparsity=0.4, calibration=random_tokens(), progress=False)
+    with pytest.raises(RuntimeError, match="already sparsified"):
+        rotsparse.sparsify(model, sparsity=0.4, calibration=random_tokens(), progress=False)
+
+
+def test_nan_activations_are_reported_with_the_layer():
+    model = tiny_model("llama", num_layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="decoder layer 1"):
+        rotsparse.sparsify(model, sparsity=0.4, calibration=random_tokens(), progress=False)
+
+
+def test_bad_calibration_tensors_are_rejected():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="integer tensor"):
+        rotsparse.sparsify(model, sparsity=0.4, calibration=torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"\(n, seq\)"):
+        rotsparse.sparsify(tiny_model("llama"), sparsity=0.4, calibration=torch.zeros(0, 8, dtype=torch.long))
+
+
+def test_padding_is_masked_out_of_the_statistics():
+    from rotsparse.adapters import get_adapter
+    from rotsparse.calibration import collect_statistics
+
+    model = tiny_model("llama")
+    tokens = random_tokens(num_sequences=2, length=12)
+    padded = torch.cat([tokens, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(2, 12), torch.zeros(2, 5)], dim=1).long()
+    plain = collect_statistics(model, get_adapter(model), tokens, progress=False)
+    masked = collect_statistics(model, get_adapter(model), padded, mask, progress=False)
+    assert masked[0].tokens == plain[0].tokens == 24
+    assert torch.allclose(masked[0].attn_input, plain[0].attn_input, atol=1e-6)
+    assert torch.allclose(masked[1].mlp_input, plain[1].mlp_input, atol=1e-5)
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import resource, sys, torch
+    sys.path.insert(0, {tests!r})
+    from tiny_models import tiny_model
+    from rotsparse.adapters import get_adapter
+    from rotsparse.calibration import collect_statistics
+    torch.set_num_threads(1)
+    model = tiny_model("llama", num_layers={layers}, hidden_size=128)
+    tokens = torch.randint(0, 128, (24, 512))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    collect_statistics(model, get_adapter(model), tokens, progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline)
+""")
+
+
+def test_calibration_memory_grows_with_one_layer_not_with_depth():
+    """Peak extra RSS while calibrating 4 vs 40 layers: activations of all layers would be 10x."""
+    def peak_kib(layers: int) -> int:
+        code = MEMORY_PROBE.format(tests=str(Path(__file__).parent), layers=layers)
+        # A fixed mmap threshold makes glibc return freed activation buffers, so RSS tracks live memory.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return int(run.stdout)
+
+    one_layer_activations_kib = 24 * 512 * 128 * 4 / 1024
+    shallow, deep = peak_kib(4), peak_kib(40)
+    assert deep - shallow < 4 * one_layer_activations_kib, (shallow, deep)
