@@ -6,6 +6,7 @@
 
 from .api import set_kernels, sparsify
 from .config import SparsifyConfig, SparsityPlan
+from .io import load, plan_of, save
 
-__all__ = ["SparsifyConfig", "SparsityPlan", "set_kernels", "sparsify"]
+__all__ = ["SparsifyConfig", "SparsityPlan", "load", "plan_of", "save", "set_kernels", "sparsify"]
 __version__ = "0.1.0"

@@ -50,12 +50,11 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
         rotations = [pca_rotation(layer.attn_input) for layer in statistics]
         fold_rotations(adapter, rotations)
 
-    layer_adapters = adapter.layer_adapters()
-    site_sizes = [site_sizes_of(_site_modules(la)) for la in layer_adapters]
+    site_sizes = site_sizes_for(adapter)
     keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
-    plan = SparsityPlan(keep_k=keep_k, site_sizes=tuple(site_sizes), rotated=rotated, config=config)
+    plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
     install_topk(adapter, plan)
-    setattr(model, PLAN_ATTRIBUTE, plan)
+    attach_plan(model, plan)
     logger.info("rotsparse: method=%s requested sparsity=%.4f effective sparsity=%.4f",
                 config.method, config.sparsity, plan.effective_sparsity)
     return model
@@ -78,9 +77,19 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
     return input_ids, None
 
 
-def _site_modules(layer_adapter) -> dict[str, list[nn.Linear]]:
-    return {site: [getattr(parent, name) for parent, name in pairs]
-            for site, pairs in layer_adapter.site_linears().items()}
+def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(input width, parameters fed) of every site of every layer."""
+    return tuple(
+        site_sizes_of({site: [getattr(parent, name) for parent, name in pairs]
+                       for site, pairs in layer_adapter.site_linears().items()})
+        for layer_adapter in adapter.layer_adapters()
+    )
+
+
+def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
+    """Attach the plan to the model, and to its config so that `save_pretrained` writes it."""
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    model.config.rotsparse = plan.to_dict()
 
 
 @torch.no_grad()

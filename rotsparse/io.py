@@ -1,0 +1,142 @@
+"""Save a sparsified model once; load it anywhere without calibrating.
+
+The directory is an ordinary Hugging Face checkpoint (safetensors + config.json + tokenizer). The plan
+(format version, config, K per site) lives in config.json under ``"rotsparse"``; the residual adapters and
+output rotations are tensors named ``*.rotsparse_output_rotation`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .api import PLAN_ATTRIBUTE, attach_plan, install_topk, site_sizes_for
+from .config import SparsityPlan
+from .topk import ROTATION_BUFFER, attach_output_rotation
+
+CONFIG_KEY = "rotsparse"
+
+
+def plan_of(model: nn.Module) -> SparsityPlan:
+    """The plan attached by `sparsify` or `load`; a clear error for a plain model."""
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        raise ValueError("this model was not sparsified by rotsparse (no plan attached)")
+    return plan
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write weights (safetensors), config.json with the rotsparse plan, and the tokenizer if given."""
+    plan_of(model)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def read_plan(directory: str | Path) -> SparsityPlan:
+    """The plan saved in `directory`'s config.json; clear errors for missing files or unknown versions."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: not a saved model directory")
+    try:
+        section = json.loads(config_path.read_text()).get(CONFIG_KEY)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if section is None:
+        raise ValueError(f"{directory} holds no rotsparse model (config.json has no {CONFIG_KEY!r} section)")
+    return SparsityPlan.from_dict(section)
+
+
+def _read_checkpoint(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """Shapes of every saved tensor, and the rotation tensors keyed by their module's name."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {directory}")
+    shapes, rotations = {}, {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+                if key.endswith("." + ROTATION_BUFFER):
+                    rotations[key[: -len(ROTATION_BUFFER) - 1]] = handle.get_tensor(key)
+    return shapes, rotations
+
+
+def _check_weights(directory: Path, saved_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Compare saved tensor names and shapes with what the saved config builds; name every difference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = skeleton.state_dict(keep_vars=True)
+    expected = {key: tuple(value.shape) for key, value in tensors.items()}
+    tied_groups: dict[int, list[str]] = {}
+    for key, value in tensors.items():
+        tied_groups.setdefault(id(value), []).append(key)
+    saved = {key: shape for key, shape in saved_shapes.items() if not key.endswith("." + ROTATION_BUFFER)}
+    problems = []
+    if missing := sorted(group[0] for group in tied_groups.values() if not set(group) & set(saved)):
+        problems.append(f"missing tensors {missing}")
+    if unexpected := sorted(set(saved) - set(expected)):
+        problems.append(f"unexpected tensors {unexpected}")
+    problems += [f"{key} has shape {saved[key]}, the config needs {expected[key]}"
+                 for key in sorted(set(saved) & set(expected)) if saved[key] != expected[key]]
+    if problems:
+        raise ValueError(f"{directory}: weights do not match the saved config: " + "; ".join(problems))
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report (it lists our rotation tensors as unexpected) for one call."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         device_map=None) -> nn.Module:
+    """Restore a model written by `save` (or `model.save_pretrained` after `sparsify`), with no calibration.
+
+    dtype: None keeps the saved dtype. device_map: passed to from_pretrained (e.g. "auto") instead of `device`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    plan = read_plan(directory)
+    saved_shapes, rotations = _read_checkpoint(directory)
+    _check_weights(directory, saved_shapes)
+    if plan.rotated and not rotations:
+        raise ValueError(f"{directory}: the plan says the model is rotated but no rotation tensors were saved")
+    with _quiet_transformers():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype="auto" if dtype is None else dtype, device_map=device_map, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]:
+        raise ValueError(f"{directory}: weights do not match the saved config: {info}")
+    adapter = get_adapter(model)
+    site_sizes = site_sizes_for(adapter)
+    if site_sizes != plan.site_sizes:
+        raise ValueError(f"{directory}: layer shapes {site_sizes} do not match the saved plan {plan.site_sizes}")
+    for module_name, rotation in rotations.items():
+        module = model.get_submodule(module_name)
+        weight = next(module.parameters())
+        attach_output_rotation(module, rotation.to(device=weight.device, dtype=weight.dtype))
+    install_topk(adapter, plan)
+    attach_plan(model, plan)
+    if device_map is None:
+        model.to(device)
+    return model.eval()
