@@ -43,3 +43,17 @@ def tiny_model(family: str, seed: int = 0, **kwargs):
 def random_tokens(vocab_size: int = 128, num_sequences: int = 4, length: int = 32, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (num_sequences, length), generator=generator)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A byte-level BPE tokenizer trained in memory on the embedded corpus (no files, no network)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator([topics[key] for key in sorted(topics)[:40]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

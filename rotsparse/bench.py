@@ -1,0 +1,177 @@
+"""Batch-1 decode latency of a dense model and its sparsified copy, measured interleaved in one run.
+
+Synthetic models (``synthetic:llama2-7b``, ``synthetic:llama3-8b``) have random weights at the real layer
+shapes; under fixed Top-K, speed does not depend on weight values, so they stand in for the real models.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+SYNTHETIC_SHAPES = {
+    # hidden, intermediate, heads, kv heads, vocab, full depth
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000, num_hidden_layers=32),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, num_hidden_layers=32),
+}
+
+
+def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A LlamaForCausalLM with random weights at the real shapes of `name` (see `SYNTHETIC_SHAPES`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in SYNTHETIC_SHAPES:
+        raise ValueError(f"unknown synthetic model {name!r}; choose one of {sorted(SYNTHETIC_SHAPES)}")
+    shape = dict(SYNTHETIC_SHAPES[name])
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+        shape["num_hidden_layers"] = num_layers
+    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name_, parameter in model.named_parameters():
+            if "norm" in name_:
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.02)
+        model.model.rotary_emb.inv_freq.copy_(_inv_freq(config))
+        model.model.rotary_emb.original_inv_freq = model.model.rotary_emb.inv_freq.clone()
+    return model.eval()
+
+
+def _inv_freq(config) -> torch.Tensor:
+    head_dim = config.hidden_size // config.num_attention_heads
+    base = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def weight_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes a batch-1 decode step must read: decoder layers (sparse linears at K/in), and the whole model.
+
+    Counts every linear weight and rotation matrix; embeddings count one row per token (negligible).
+    """
+    from .topk import ROTATION_BUFFER, TopKLinear
+
+    layers = head = 0.0
+    for name, module in model.named_modules():
+        in_layers = ".layers." in f".{name}."
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer_name == ROTATION_BUFFER:
+                layers += buffer.numel() * buffer.element_size()
+        if isinstance(module, nn.Linear):
+            fraction = module.keep_k / module.in_features if isinstance(module, TopKLinear) else 1.0
+            size = module.weight.numel() * module.weight.element_size() * fraction
+            if in_layers:
+                layers += size
+            else:
+                head += size
+    return {"layers": layers, "model": layers + head}
+
+
+def _decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, tokens: int, layers_only: bool) -> float:
+    """Median-free single measurement: prefill `prompt` (1, p), then time `tokens` single-token steps."""
+    from transformers import DynamicCache
+
+    runner = model.model if layers_only else model
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        runner(input_ids=prompt, past_key_values=cache, use_cache=True)
+        next_token = prompt[:, -1:]
+        start = time.perf_counter()
+        for _ in range(tokens):
+            runner(input_ids=next_token, past_key_values=cache, use_cache=True)
+        return (time.perf_counter() - start) * 1000 / tokens
+
+
+@dataclass(frozen=True)
+class DecodeBenchmark:
+    dense_ms_per_token: float
+    sparse_ms_per_token: float
+    speedup: float
+    dense_layers_ms_per_token: float
+    sparse_layers_ms_per_token: float
+    layers_speedup: float
+    effective_sparsity: float
+    bytes_limit_speedup: float
+    layers_bytes_limit_speedup: float
+    dtype: str
+    tokens: int
+    repeats: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repeats: int = 5, prompt_length: int = 16,
+                     warmup_tokens: int = 8, seed: int = 0) -> DecodeBenchmark:
+    """Interleave dense and sparse decode timings (whole model and decoder stack); medians over `repeats`."""
+    from .io import plan_of
+
+    plan = plan_of(sparse)
+    vocab = dense.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    for model in (dense, sparse):
+        _decode_ms_per_token(model, prompt, warmup_tokens, layers_only=False)
+    timings = {key: [] for key in ("dense", "sparse", "dense_layers", "sparse_layers")}
+    for _ in range(repeats):
+        for key, model in (("dense", dense), ("sparse", sparse)):
+            timings[key].append(_decode_ms_per_token(model, prompt, tokens, layers_only=False))
+            timings[f"{key}_layers"].append(_decode_ms_per_token(model, prompt, tokens, layers_only=True))
+    median = {key: statistics.median(values) for key, values in timings.items()}
+    dense_bytes, sparse_bytes = weight_bytes(dense), weight_bytes(sparse)
+    dtype = next(sparse.parameters()).dtype
+    return DecodeBenchmark(
+        dense_ms_per_token=median["dense"], sparse_ms_per_token=median["sparse"],
+        speedup=median["dense"] / median["sparse"],
+        dense_layers_ms_per_token=median["dense_layers"], sparse_layers_ms_per_token=median["sparse_layers"],
+        layers_speedup=median["dense_layers"] / median["sparse_layers"],
+        effective_sparsity=plan.effective_sparsity,
+        bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
+        layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],
+        dtype=str(dtype).removeprefix("torch."), tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
+    )
+
+
+def sparse_copy(dense: nn.Module, sparsify_kwargs: dict) -> nn.Module:
+    """Sparsify a deep copy of `dense` (the dense model stays untouched for side-by-side timing)."""
+    from .api import sparsify
+
+    return sparsify(copy.deepcopy(dense), **sparsify_kwargs)
+
+
+def structural_sparse_copy(dense: nn.Module, config) -> nn.Module:
+    """A copy of `dense` with the run-time structure `sparsify(config)` gives, without calibration or folding.
+
+    Top-K linears at the plan's K, and (for rotating methods) a d x d residual adapter after every layer but
+    the last. Values are not rotated: for timing random weights, values do not matter under fixed Top-K.
+    """
+    from .adapters import get_adapter
+    from .api import attach_plan, install_topk, site_sizes_for
+    from .config import SparsityPlan
+    from .topk import allocate_keep_k, attach_output_rotation
+
+    model = copy.deepcopy(dense)
+    adapter = get_adapter(model)
+    site_sizes = site_sizes_for(adapter)
+    keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
+    rotated = config.method != "topk"
+    plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
+    if rotated:
+        width, weight = adapter.hidden_size, adapter.embed_tokens.weight
+        for layer in list(adapter.layers)[:-1]:
+            attach_output_rotation(layer, torch.eye(width, dtype=weight.dtype, device=weight.device))
+    install_topk(adapter, plan)
+    attach_plan(model, plan)
+    return model

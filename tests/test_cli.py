@@ -1,0 +1,111 @@
+"""The `rotsparse` command: its numbers equal the Python API's, errors are clear, --help works."""
+
+import json
+
+import pytest
+import torch
+
+import rotsparse
+from rotsparse.cli import build_parser, main
+from rotsparse.data import load_texts
+from rotsparse.evaluation import perplexity
+from rotsparse.models import load_model
+
+from tiny_models import tiny_model, tiny_tokenizer
+
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the interpreter reads a line, splits it into tokens and evaluates the expression "
+    f"named {i * 7} before it prints the result and waits for the next statement." for i in range(60)
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", num_layers=2)
+    tokenizer = tiny_tokenizer(vocab_size=model.config.vocab_size)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("texts")
+    calibration, evaluation = directory / "calibration.txt", directory / "evaluation.txt"
+    calibration.write_text(TEXT)
+    evaluation.write_text(TEXT.replace("interpreter", "compiler"))
+    return calibration, evaluation
+
+
+def last_json_line(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+SMALL = ["--num-sequences", "2", "--calibration-seqlen", "128", "--seqlen", "128"]
+
+
+@pytest.mark.parametrize("method", ["larosa", "topk"])
+def test_eval_numbers_equal_the_python_api(tiny_dir, text_files, capsys, method):
+    calibration, evaluation = text_files
+    code = main(["eval", "--model", str(tiny_dir), "--sparsity", "0.4", "--method", method,
+                 "--calibration", str(calibration), "--data", str(evaluation), *SMALL, "--json"])
+    assert code == 0
+    record = last_json_line(capsys)
+    model, tokenizer = load_model(str(tiny_dir))
+    texts = load_texts(str(evaluation), part="evaluation")
+    dense = perplexity(model, tokenizer, texts, seqlen=128, progress=False)
+    rotsparse.sparsify(model, tokenizer, sparsity=0.4, method=method, calibration=str(calibration),
+                       num_sequences=2, sequence_length=128, progress=False)
+    sparse = perplexity(model, tokenizer, texts, seqlen=128, progress=False)
+    assert record["dense_ppl"] == dense.ppl
+    assert record["sparse_ppl"] == sparse.ppl
+    assert record["ppl_gap"] == sparse.ppl - dense.ppl
+    assert record["effective_sparsity"] == model.rotsparse_plan.effective_sparsity
+    assert record["eval_tokens"] == sparse.tokens
+    assert record["method"] == method and record["sparsity"] == 0.4
+    assert record["calibration_tokens"] == model.rotsparse_plan.calibration_tokens
+
+
+def test_sparsify_writes_a_loadable_directory_that_eval_accepts(tiny_dir, text_files, tmp_path, capsys):
+    calibration, evaluation = text_files
+    out = tmp_path / "sparse"
+    assert main(["sparsify", "--model", str(tiny_dir), "--sparsity", "0.5", "--calibration", str(calibration),
+                 "--num-sequences", "2", "--calibration-seqlen", "128", "--out", str(out)]) == 0
+    restored = rotsparse.load(out)
+    assert abs(restored.rotsparse_plan.effective_sparsity - 0.5) < 0.02
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(evaluation), "--seqlen", "128", "--json"]) == 0
+    record = last_json_line(capsys)
+    assert record["dense_ppl"] is None and record["sparse_ppl"] > 1
+
+
+def test_bad_input_gives_a_clear_error_and_exit_code_2(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", "--model", str(tiny_dir), "--sparsity", "0.4", "--data", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dir), "--sparsity", "1.2", "--data", str(empty)]) == 2
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--sparsity", "0.4"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    for command in ("run", "sparsify", "eval", "bench", "recover"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "--" in capsys.readouterr().out
+
+
+def test_bench_on_a_synthetic_shape_reports_speed_and_bytes_limit(capsys):
+    assert main(["bench", "--model", "synthetic:llama2-7b", "--layers", "1", "--dtype", "float32",
+                 "--sparsity", "0.5", "--tokens", "2", "--repeats", "1", "--json"]) == 0
+    record = last_json_line(capsys)
+    for key in ("dense_ms_per_token", "sparse_ms_per_token", "speedup", "effective_sparsity",
+                "bytes_limit_speedup", "dtype"):
+        assert key in record
+    assert record["dtype"] == "float32" and record["layers"] == 1
+    assert abs(record["effective_sparsity"] - 0.5) < 0.01
+    assert 1.0 < record["bytes_limit_speedup"] < 2.0
