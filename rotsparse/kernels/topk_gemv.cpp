@@ -1,0 +1,574 @@
+// Fused Top-K sparse GEMV for batch-1 decoding (CPU).
+//
+//   y[j] = sum_{i in TopK(|x|, k)} x[i] * weight_t[i, j]  (+ bias[j])
+//
+// weight_t is the *input-channel-major* weight, shape (in, out), contiguous,
+// so every selected input channel is one contiguous row of `out` values.
+// The kernel
+//   1. selects the k largest |x_i| in O(in) (nth_element on a scratch copy of
+//      the IEEE bit patterns of |x|, then one ordered scan, which yields the
+//      selected indices already sorted ascending),
+//   2. streams the k selected rows, accumulating RS_ROWS rows at a time into
+//      float32 accumulators with FMAs.  Threads split the selected rows (each
+//      streams whole contiguous rows into its own partial sums, then reduces
+//      a slice of the columns); RS_SPLIT_K=0 instead splits output columns
+//      (each thread streams contiguous sub-rows and owns a slice of y).
+// float32, bfloat16 and float16 weights/activations; accumulation is float32,
+// the output has the input dtype.
+//
+// Built JIT by torch.utils.cpp_extension.load with -O3 -march=native -fopenmp.
+// AVX-512 intrinsics are used when the compiler targets AVX-512F/BW/VL;
+// otherwise plain loops (auto-vectorised for whatever -march allows).
+
+// Only light headers (no <torch/extension.h>) to keep the JIT build short; the
+// ops are registered with TORCH_LIBRARY as rotsparse_cpp::* and called through
+// torch.ops (which releases the GIL around the kernel).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define RS_AVX512 1
+#else
+#define RS_AVX512 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define RS_PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+#define RS_RESTRICT __restrict__
+#else
+#define RS_PREFETCH(p) ((void)0)
+#define RS_RESTRICT
+#endif
+
+// ---------------------------------------------------------------------------
+// Tuning constants (see eval/results/kernel_bench.md for how they were chosen)
+// ---------------------------------------------------------------------------
+#ifndef RS_ROWS
+#define RS_ROWS 8  // rows accumulated per pass over the accumulator tile
+#endif
+#ifndef RS_MAX_TILE_BYTES
+#define RS_MAX_TILE_BYTES (32 * 1024)  // max bytes of one weight sub-row per tile
+#endif
+#ifndef RS_PF_MODE
+#define RS_PF_MODE 0  // 0: none (HW prefetchers), 1: next row group, 2: current rows ahead
+#endif
+#ifndef RS_SPLIT_K
+#define RS_SPLIT_K 1  // 1: threads split the selected rows; 0: threads split output columns
+#endif
+#ifndef RS_PF_DIST
+#define RS_PF_DIST 0  // extra lines ahead (in vectors) for RS_PF_MODE 1
+#endif
+
+namespace {
+
+using bf16_t = uint16_t;  // raw bfloat16 bits
+struct half_bits {
+  uint16_t x;
+};
+
+// ----------------------------- scalar helpers ------------------------------
+inline float to_f32(float v) { return v; }
+inline float to_f32(bf16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f32(half_bits v) {
+  return static_cast<float>(c10::Half(v.x, c10::Half::from_bits()));
+}
+
+inline uint32_t abs_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x7fffffffu;  // monotone in |v|; NaN sorts above +inf
+}
+
+template <typename T>
+struct io;  // store float32 -> T
+template <>
+struct io<float> {
+  static inline void store(float* dst, float v) { *dst = v; }
+};
+template <>
+struct io<bf16_t> {
+  static inline void store(bf16_t* dst, float v) { *dst = c10::BFloat16(v).x; }
+};
+template <>
+struct io<half_bits> {
+  static inline void store(half_bits* dst, float v) { dst->x = c10::Half(v).x; }
+};
+
+// ------------------------------ SIMD helpers -------------------------------
+#if RS_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const half_bits* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16m(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16m(const bf16_t* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16m(const half_bits* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Top-K selection: exactly k indices, ascending, plus their values as float.
+// Ties at the threshold are broken towards lower indices.
+//
+// |x| is compared through its IEEE bit pattern (monotone for non-negative
+// floats).  One histogram pass over the top 11 bits finds the bucket holding
+// the k-th largest value; nth_element on that bucket's (few) members gives the
+// exact threshold; one ordered scan emits the indices already sorted.
+// ---------------------------------------------------------------------------
+template <typename T>
+int64_t select_topk(const T* x, int64_t n, int64_t k, int64_t* idx, float* val) {
+  if (k <= 0) return 0;
+  if (k >= n) {
+    for (int64_t i = 0; i < n; ++i) {
+      idx[i] = i;
+      val[i] = to_f32(x[i]);
+    }
+    return n;
+  }
+  constexpr int kShift = 20;  // 31-bit keys -> 2048 buckets
+  constexpr int kBuckets = 1 << (31 - kShift);
+  std::vector<uint32_t> bits(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) bits[i] = abs_bits(to_f32(x[i]));
+  // 4 interleaved histograms: activations crowd into a few buckets, and a
+  // single histogram would serialise on store-to-load forwarding.
+  std::vector<uint32_t> hist4(4 * kBuckets, 0u);
+  uint32_t* h0 = hist4.data();
+  uint32_t* h1 = h0 + kBuckets;
+  uint32_t* h2 = h1 + kBuckets;
+  uint32_t* h3 = h2 + kBuckets;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++h0[bits[i] >> kShift];
+    ++h1[bits[i + 1] >> kShift];
+    ++h2[bits[i + 2] >> kShift];
+    ++h3[bits[i + 3] >> kShift];
+  }
+  for (; i < n; ++i) ++h0[bits[i] >> kShift];
+  int64_t above = 0;  // elements in buckets strictly above the threshold bucket
+  int bucket = kBuckets - 1;
+  for (; bucket > 0; --bucket) {
+    const int64_t cnt = int64_t(h0[bucket]) + h1[bucket] + h2[bucket] + h3[bucket];
+    if (above + cnt >= k) break;
+    above += cnt;
+  }
+  // Members of the threshold bucket (branch-free compaction).
+  std::vector<uint32_t> cand(static_cast<size_t>(n) + 16);
+  int64_t nc = 0;
+  i = 0;
+#if RS_AVX512
+  {
+    const __m512i vb = _mm512_set1_epi32(bucket);
+    for (; i + 16 <= n; i += 16) {
+      const __m512i v = _mm512_loadu_si512(bits.data() + i);
+      const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(v, kShift), vb);
+      _mm512_mask_compressstoreu_epi32(cand.data() + nc, m, v);
+      nc += __builtin_popcount(m);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    cand[nc] = bits[i];
+    nc += int(bits[i] >> kShift) == bucket;
+  }
+  const int64_t need = k - above;  // 1 <= need <= nc
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.begin() + nc,
+                   std::greater<uint32_t>());
+  const uint32_t thr = cand[need - 1];
+  int64_t n_gt = above;  // entries strictly above thr
+  for (i = 0; i < need - 1; ++i) n_gt += cand[i] > thr;
+  int64_t ties = k - n_gt;  // how many entries equal to thr we may take
+  // Ordered emission.  The scalar loop is branch-free and writes one slot past
+  // the end at most: the caller's buffers hold >= k + 1 entries.
+  int64_t c = 0;
+  i = 0;
+#if RS_AVX512
+  {
+    const __m512i vt = _mm512_set1_epi32(static_cast<int>(thr));
+    const __m512i iota_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i iota_hi = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
+    for (; i + 16 <= n; i += 16) {
+      const __m512i v = _mm512_loadu_si512(bits.data() + i);
+      const __mmask16 eq = _mm512_cmpeq_epi32_mask(v, vt);
+      if (eq != 0) {  // rare: values tied with the threshold, keep index order
+        for (int64_t l = i; l < i + 16; ++l) {
+          const uint32_t b = bits[l];
+          const bool take = b > thr || (b == thr && ties > 0);
+          if (take) {
+            if (b == thr) --ties;
+            idx[c] = l;
+            val[c] = to_f32(x[l]);
+            ++c;
+          }
+        }
+        continue;
+      }
+      const __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vt);
+      const __m512i base = _mm512_set1_epi64(i);
+      const int c_lo = __builtin_popcount(gt & 0xffu);
+      _mm512_mask_compressstoreu_epi64(idx + c, static_cast<__mmask8>(gt),
+                                       _mm512_add_epi64(base, iota_lo));
+      _mm512_mask_compressstoreu_epi64(idx + c + c_lo, static_cast<__mmask8>(gt >> 8),
+                                       _mm512_add_epi64(base, iota_hi));
+      _mm512_mask_compressstoreu_ps(val + c, gt, load16(x + i));
+      c += __builtin_popcount(gt);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t b = bits[i];
+    const int64_t eq = b == thr;
+    const int64_t take = int64_t(b > thr) | (eq & int64_t(ties > 0));
+    ties -= eq & take;
+    idx[c] = i;
+    val[c] = to_f32(x[i]);
+    c += take;
+  }
+  return c;  // == k
+}
+
+// ---------------------------------------------------------------------------
+// Accumulate rows idx[0..K) (scaled by xs) of Wt[:, j0:j0+len] into acc[0..len)
+// ---------------------------------------------------------------------------
+template <typename W>
+void accumulate_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_RESTRICT Wt,
+                     int64_t ldw, int64_t j0, const int64_t* RS_RESTRICT idx,
+                     const float* RS_RESTRICT xs, int64_t K) {
+  constexpr int R = RS_ROWS;
+  int64_t s = 0;
+#if RS_AVX512
+  const int64_t len16 = len & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (len - len16)) - 1u);
+#if RS_PF_MODE != 0
+  constexpr int64_t kLine = 64 / int64_t(sizeof(W));  // elements per cache line
+#endif
+  for (; s + R <= K; s += R) {
+    const W* p[R];
+    __m512 xb[R];
+    for (int r = 0; r < R; ++r) {
+      p[r] = Wt + idx[s + r] * ldw + j0;
+      xb[r] = _mm512_set1_ps(xs[s + r]);
+    }
+#if RS_PF_MODE == 1
+    const W* q[R];  // next group's rows, same columns
+    for (int r = 0; r < R; ++r) q[r] = (s + R + r < K) ? Wt + idx[s + R + r] * ldw + j0 : p[r];
+#endif
+    int64_t j = 0;
+    for (; j < len16; j += 16) {
+#if RS_PF_MODE == 1
+      if ((j & (kLine - 1)) == 0) {
+        for (int r = 0; r < R; ++r) RS_PREFETCH(q[r] + j + RS_PF_DIST * 16);
+      }
+#elif RS_PF_MODE == 2
+      if ((j & (kLine - 1)) == 0) {
+        for (int r = 0; r < R; ++r) RS_PREFETCH(p[r] + j + RS_PF_DIST * 16);
+      }
+#endif
+      __m512 a = _mm512_loadu_ps(acc + j);
+      for (int r = 0; r < R; ++r) a = _mm512_fmadd_ps(xb[r], load16(p[r] + j), a);
+      _mm512_storeu_ps(acc + j, a);
+    }
+    if (j < len) {
+      __m512 a = _mm512_maskz_loadu_ps(tail, acc + j);
+      for (int r = 0; r < R; ++r) a = _mm512_fmadd_ps(xb[r], load16m(p[r] + j, tail), a);
+      _mm512_mask_storeu_ps(acc + j, tail, a);
+    }
+  }
+  for (; s < K; ++s) {
+    const W* p = Wt + idx[s] * ldw + j0;
+    const __m512 xb = _mm512_set1_ps(xs[s]);
+    int64_t j = 0;
+    for (; j < len16; j += 16)
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(xb, load16(p + j), _mm512_loadu_ps(acc + j)));
+    if (j < len) {
+      __m512 a = _mm512_maskz_loadu_ps(tail, acc + j);
+      _mm512_mask_storeu_ps(acc + j, tail, _mm512_fmadd_ps(xb, load16m(p + j, tail), a));
+    }
+  }
+#else
+  // Portable path: plain loops that the compiler vectorises (-O3 -march=native).
+  for (; s + R <= K; s += R) {
+    const W* p[R];
+    float xv[R];
+    for (int r = 0; r < R; ++r) {
+      p[r] = Wt + idx[s + r] * ldw + j0;
+      xv[r] = xs[s + r];
+    }
+    if (s + R < K) RS_PREFETCH(Wt + idx[s + R] * ldw + j0);
+    for (int64_t j = 0; j < len; ++j) {
+      float a = acc[j];
+      for (int r = 0; r < R; ++r) a += xv[r] * to_f32(p[r][j]);
+      acc[j] = a;
+    }
+  }
+  for (; s < K; ++s) {
+    const W* p = Wt + idx[s] * ldw + j0;
+    const float xv = xs[s];
+    for (int64_t j = 0; j < len; ++j) acc[j] += xv * to_f32(p[j]);
+  }
+#endif
+}
+
+// Generic sparse GEMV over given (sorted) rows. y has `out` elements of type W.
+template <typename W>
+void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, int64_t K,
+               const float* bias, W* y) {
+  // Column partition (single thread, or RS_SPLIT_K=0): one contiguous block of
+  // columns per thread, cut into tiles whose sub-rows are at most
+  // RS_MAX_TILE_BYTES; tile edges are kept on 64-byte multiples so that
+  // threads never share a cache line of y / weight.
+  const int64_t align = 64 / int64_t(sizeof(W));
+  int nthreads = std::max(1, at::get_num_threads());
+  // Don't spawn threads for tiny problems (fork/join costs a few us).
+  const int64_t work = K * out;
+  if (work < (int64_t(1) << 15)) nthreads = 1;
+  const int64_t max_by_cols = std::max<int64_t>(1, (out + align - 1) / align);
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, max_by_cols));
+  const int64_t max_tile = std::max<int64_t>(align, RS_MAX_TILE_BYTES / int64_t(sizeof(W)));
+
+  auto body = [&](int t) {
+    // [c0, c1) columns owned by thread t, aligned to `align`.
+    const int64_t blocks = (out + align - 1) / align;
+    const int64_t b0 = blocks * t / nthreads, b1 = blocks * (t + 1) / nthreads;
+    const int64_t c0 = std::min(out, b0 * align), c1 = std::min(out, b1 * align);
+    if (c0 >= c1) return;
+    const int64_t ncols = c1 - c0;
+    const int64_t ntiles = (ncols + max_tile - 1) / max_tile;
+    const int64_t tile_w = ((ncols + ntiles - 1) / ntiles + align - 1) / align * align;
+    std::vector<float> accv(static_cast<size_t>(std::min(tile_w, ncols)) + 16);
+    float* acc = accv.data();
+    for (int64_t j0 = c0; j0 < c1; j0 += tile_w) {
+      const int64_t len = std::min(tile_w, c1 - j0);
+      if (bias)
+        std::memcpy(acc, bias + j0, sizeof(float) * len);
+      else
+        std::memset(acc, 0, sizeof(float) * len);
+      accumulate_tile<W>(acc, len, Wt, out, j0, idx, xs, K);
+      W* yo = y + j0;
+      for (int64_t j = 0; j < len; ++j) io<W>::store(yo + j, acc[j]);
+    }
+  };
+
+#if RS_SPLIT_K && defined(_OPENMP)
+  // Default multi-thread partition: threads split the selected rows (so each
+  // streams whole rows, the longest contiguous runs), accumulate full-width
+  // float32 partial sums, then reduce their own column slice.  Measured 0-10%
+  // faster than splitting columns on 2 cores (eval/results/kernel_bench.md).
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, std::max<int64_t>(1, K / 16)));
+  if (nthreads > 1) {
+    const int64_t out_pad = (out + 15) / 16 * 16;
+    std::unique_ptr<float[]> part_buf(new float[static_cast<size_t>(nthreads * out_pad)]);
+    float* part = part_buf.get();
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num();
+      const int64_t r0 = K * t / nthreads, r1 = K * (t + 1) / nthreads;
+      float* acc = part + t * out_pad;
+      std::memset(acc, 0, sizeof(float) * out);
+      const int64_t ntiles = (out + max_tile - 1) / max_tile;
+      const int64_t tile_w = ((out + ntiles - 1) / ntiles + align - 1) / align * align;
+      for (int64_t j0 = 0; j0 < out; j0 += tile_w)
+        accumulate_tile<W>(acc + j0, std::min(tile_w, out - j0), Wt, out, j0, idx + r0, xs + r0,
+                           r1 - r0);
+#pragma omp barrier
+      const int64_t blocks = (out + align - 1) / align;
+      const int64_t c0 = std::min(out, blocks * t / nthreads * align);
+      const int64_t c1 = std::min(out, blocks * (t + 1) / nthreads * align);
+      for (int64_t j = c0; j < c1; ++j) {
+        float v = bias ? bias[j] : 0.f;
+        for (int u = 0; u < nthreads; ++u) v += part[u * out_pad + j];
+        io<W>::store(y + j, v);
+      }
+    }
+    return;
+  }
+#endif
+#ifdef _OPENMP
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+    { body(omp_get_thread_num()); }
+    return;
+  }
+#endif
+  for (int t = 0; t < nthreads; ++t) body(t);
+}
+
+// ------------------------------ validation ---------------------------------
+void check_common(const at::Tensor& x, const at::Tensor& weight_t,
+                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight_t.device().is_cpu(),
+              "rotsparse topk_gemv (C++): tensors must be on the CPU");
+  TORCH_CHECK(weight_t.dim() == 2, "weight_t must be 2-D (in, out), got ", weight_t.dim(), "-D");
+  TORCH_CHECK(weight_t.is_contiguous(), "weight_t must be contiguous (in, out)");
+  TORCH_CHECK(x.scalar_type() == weight_t.scalar_type(), "x dtype ", x.scalar_type(),
+              " != weight_t dtype ", weight_t.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
+  TORCH_CHECK(x.numel() == weight_t.size(0), "x has ", x.numel(),
+              " elements (one token expected) but weight_t has in=", weight_t.size(0));
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu(), "bias must be on the CPU");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight_t.size(1), "bias must have shape (",
+                weight_t.size(1), ",)");
+  }
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (shape.empty()) shape.push_back(out);
+  else shape.back() = out;
+  return shape;
+}
+
+template <typename W>
+void run_gemv(const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
+              const int64_t* idx, const float* xs, int64_t K, at::Tensor& y) {
+  const int64_t out = weight_t.size(1);
+  at::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    b32 = bias->to(at::kFloat).contiguous();
+    bp = b32.data_ptr<float>();
+  }
+  gemv_rows<W>(reinterpret_cast<const W*>(weight_t.data_ptr()), out, idx, xs, K, bp,
+               reinterpret_cast<W*>(y.data_ptr()));
+}
+
+template <typename W>
+at::Tensor topk_gemv_impl(const at::Tensor& x, const at::Tensor& weight_t,
+                             const std::optional<at::Tensor>& bias, int64_t keep_k) {
+  const int64_t n = weight_t.size(0), out = weight_t.size(1);
+  at::Tensor xc = x.contiguous();
+  std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
+  std::vector<float> xs(idx.size());
+  const int64_t K =
+      select_topk<W>(reinterpret_cast<const W*>(xc.data_ptr()), n, keep_k, idx.data(), xs.data());
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  run_gemv<W>(weight_t, bias, idx.data(), xs.data(), K, y);
+  return y;
+}
+
+}  // namespace
+
+// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] (+ bias).
+at::Tensor topk_gemv(const at::Tensor& x, const at::Tensor& weight_t,
+                        const std::optional<at::Tensor>& bias, int64_t keep_k) {
+  check_common(x, weight_t, bias);
+  TORCH_CHECK(keep_k >= 0 && keep_k <= weight_t.size(0), "keep_k=", keep_k,
+              " out of range [0, ", weight_t.size(0), "]");
+  switch (x.scalar_type()) {
+    case at::kFloat: return topk_gemv_impl<float>(x, weight_t, bias, keep_k);
+    case at::kBFloat16: return topk_gemv_impl<bf16_t>(x, weight_t, bias, keep_k);
+    default: return topk_gemv_impl<half_bits>(x, weight_t, bias, keep_k);
+  }
+}
+
+// y = sum over i in `indices` of x_i * weight_t[i, :] (+ bias). indices: int64,
+// 1-D, each in [0, in); ascending order is fastest (not required).
+at::Tensor index_gemv(const at::Tensor& x, const at::Tensor& indices,
+                         const at::Tensor& weight_t, const std::optional<at::Tensor>& bias) {
+  check_common(x, weight_t, bias);
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong && indices.device().is_cpu(),
+              "indices must be a 1-D int64 CPU tensor");
+  const int64_t n = weight_t.size(0), out = weight_t.size(1);
+  at::Tensor ic = indices.contiguous();
+  const int64_t K = ic.numel();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t s = 0; s < K; ++s)
+    TORCH_CHECK(ip[s] >= 0 && ip[s] < n, "index ", ip[s], " out of range [0, ", n, ")");
+  at::Tensor xc = x.contiguous();
+  std::vector<float> xs(static_cast<size_t>(std::max<int64_t>(K, 1)));
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: {
+      const float* xp = xc.data_ptr<float>();
+      for (int64_t s = 0; s < K; ++s) xs[s] = xp[ip[s]];
+      run_gemv<float>(weight_t, bias, ip, xs.data(), K, y);
+      break;
+    }
+    case at::kBFloat16: {
+      const bf16_t* xp = reinterpret_cast<const bf16_t*>(xc.data_ptr());
+      for (int64_t s = 0; s < K; ++s) xs[s] = to_f32(xp[ip[s]]);
+      run_gemv<bf16_t>(weight_t, bias, ip, xs.data(), K, y);
+      break;
+    }
+    default: {
+      const half_bits* xp = reinterpret_cast<const half_bits*>(xc.data_ptr());
+      for (int64_t s = 0; s < K; ++s) xs[s] = to_f32(xp[ip[s]]);
+      run_gemv<half_bits>(weight_t, bias, ip, xs.data(), K, y);
+      break;
+    }
+  }
+  return y;
+}
+
+// Sorted indices (int64) of the keep_k largest |x|, x: one token.
+at::Tensor topk_indices(const at::Tensor& x, int64_t keep_k) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+  const int64_t n = x.numel();
+  TORCH_CHECK(keep_k >= 0 && keep_k <= n, "keep_k=", keep_k, " out of range [0, ", n, "]");
+  at::Tensor xc = x.contiguous();
+  // one spare slot for select_topk's branch-free emission
+  at::Tensor idx = at::empty({keep_k + 1}, x.options().dtype(at::kLong));
+  std::vector<float> vals(static_cast<size_t>(keep_k + 1));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      select_topk<float>(xc.data_ptr<float>(), n, keep_k, ip, vals.data());
+      break;
+    case at::kBFloat16:
+      select_topk<bf16_t>(reinterpret_cast<const bf16_t*>(xc.data_ptr()), n, keep_k, ip,
+                          vals.data());
+      break;
+    case at::kHalf:
+      select_topk<half_bits>(reinterpret_cast<const half_bits*>(xc.data_ptr()), n, keep_k, ip,
+                             vals.data());
+      break;
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
+  }
+  return idx.narrow(0, 0, keep_k);
+}
+
+bool has_avx512() { return RS_AVX512 != 0; }
+
+#ifndef RS_NS
+#define RS_NS rotsparse_cpp
+#endif
+#define RS_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+RS_TORCH_LIBRARY(RS_NS, m) {
+  m.def("topk_gemv(Tensor x, Tensor weight_t, Tensor? bias, int keep_k) -> Tensor", &topk_gemv);
+  m.def("index_gemv(Tensor x, Tensor indices, Tensor weight_t, Tensor? bias) -> Tensor",
+        &index_gemv);
+  m.def("topk_indices(Tensor x, int keep_k) -> Tensor", &topk_indices);
+  m.def("has_avx512() -> bool", &has_avx512);
+}
