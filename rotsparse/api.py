@@ -1,4 +1,4 @@
-"""`sparsify`: calibrate, rotate, fold and install Top-K on a Hugging Face causal LM, in place."""
+"""`sparsify`: calibrate, rotate/scale, fold and install Top-K on a Hugging Face causal LM, in place."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import methods
 from .adapters import ModelAdapter, get_adapter
-from .calibration import collect_statistics
 from .config import SITES, SparsifyConfig, SparsityPlan
-from .rotation import fold_input, pca_rotation, residual_adapter, rotate_embedding, rotate_output
-from .topk import TopKLinear, allocate_keep_k, attach_output_rotation, is_sparsified, site_sizes_of
+from .methods import CALIBRATED_METHODS, Calibration
+from .offload import adopt_hooks
+from .topk import TopKLinear, allocate_keep_k, apply_topk_options, is_sparsified, site_sizes_of
 
 logger = logging.getLogger("rotsparse")
 
@@ -21,12 +22,14 @@ PLAN_ATTRIBUTE = "rotsparse_plan"
 
 def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *, method: str | None = None,
              calibration: str | Sequence[str] | torch.Tensor | None = None, config: SparsifyConfig | None = None,
-             progress: bool = True, **config_fields) -> nn.Module:
+             progress: bool = True, calibrated: Calibration | None = None, **config_fields) -> nn.Module:
     """Make `model` run with fixed per-token Top-K activations; returns the same model, changed in place.
 
     calibration: "embedded" / None (the embedded corpus' calibration part), a path or dataset name
         (see `rotsparse.data.load_texts`), a list of strings, or token ids (n, seq).
     config: a full `SparsifyConfig`; otherwise one is built from `sparsity`, `method` and `config_fields`.
+    calibrated: the result of `calibrate` on this same (dense) model, to reuse one calibration for
+        several sparsities; `calibration` is then ignored.
     The plan (K per site, effective sparsity) is attached as ``model.rotsparse_plan``.
     """
     if config is None:
@@ -41,23 +44,36 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
     if is_sparsified(model) or hasattr(model, PLAN_ATTRIBUTE):
         raise RuntimeError("this model is already sparsified by rotsparse; load the original model to sparsify again")
     adapter = get_adapter(model)
-    torch.manual_seed(config.seed)
-
-    rotated = config.method == "larosa"
-    if rotated:
-        input_ids, attention_mask = _calibration_tokens(tokenizer, calibration, config)
-        statistics = collect_statistics(model, adapter, input_ids, attention_mask, progress=progress)
-        rotations = [pca_rotation(layer.attn_input) for layer in statistics]
-        fold_rotations(adapter, rotations)
-
     site_sizes = site_sizes_for(adapter)
-    keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
+    rotated = False
+    if config.method in CALIBRATED_METHODS:
+        if calibrated is None:
+            calibrated = calibrate(model, tokenizer, calibration, config=config, progress=progress)
+        elif calibrated.method != config.method:
+            raise ValueError(f"calibrated for method {calibrated.method!r}, asked for {config.method!r}")
+        keep_k, rotated, _ = methods.apply(adapter, calibrated, config, site_sizes)
+    else:
+        keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
     plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
     install_topk(adapter, plan)
     attach_plan(model, plan)
     logger.info("rotsparse: method=%s requested sparsity=%.4f effective sparsity=%.4f",
                 config.method, config.sparsity, plan.effective_sparsity)
     return model
+
+
+def calibrate(model: nn.Module, tokenizer=None, calibration: str | Sequence[str] | torch.Tensor | None = None, *,
+              config: SparsifyConfig | None = None, progress: bool = True,
+              options: methods.AutoOptions | None = None) -> Calibration:
+    """One calibration pass of `config.method` (default ``auto``) on the dense model, for any sparsity.
+
+    Pass the result to `sparsify(..., calibrated=...)` of this model (or of a fresh copy of the same
+    weights). `options` switches parts of ``auto`` off, for ablations.
+    """
+    config = config or SparsifyConfig()
+    torch.manual_seed(config.seed)
+    input_ids, attention_mask = _calibration_tokens(tokenizer, calibration, config)
+    return methods.calibrate(model, get_adapter(model), input_ids, attention_mask, config, options, progress)
 
 
 def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
@@ -92,51 +108,6 @@ def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
     model.config.rotsparse = plan.to_dict()
 
 
-@torch.no_grad()
-def fold_rotations(adapter: ModelAdapter, rotations: list[torch.Tensor]) -> None:
-    """Fold per-layer rotations Q_l (d, d) and the pre-norm scales into the weights; exact at sparsity 0.
-
-    Embeddings -> E Q_0; q/k/v and gate/up -> W diag(g) Q_l; o_proj/down_proj outputs -> Q_l^T W (or, after
-    a post-norm, an output rotation on that norm); adapters Q_l^T Q_{l+1} between layers; lm_head ->
-    W diag(g_final) Q_last. Math in float64, cast back once.
-    """
-    layer_adapters = adapter.layer_adapters()
-    if len(rotations) != len(layer_adapters):
-        raise ValueError(f"{len(rotations)} rotations for {len(layer_adapters)} layers")
-    adapter.untie_embeddings()
-    embed = adapter.embed_tokens
-    embed.weight.copy_(rotate_embedding(embed.weight, rotations[0].to(embed.weight.device)))
-    for index, (layer_adapter, rotation) in enumerate(zip(layer_adapters, rotations)):
-        _fold_layer(layer_adapter, rotation)
-        if index + 1 < len(rotations):
-            weight = layer_adapter.attn_input_norm.weight
-            adapter_matrix = residual_adapter(rotation, rotations[index + 1])
-            attach_output_rotation(layer_adapter.layer, adapter_matrix.to(device=weight.device, dtype=weight.dtype))
-    head, final_norm = adapter.lm_head, adapter.final_norm
-    scale = adapter.layer_adapter_class.norm_scale(final_norm)
-    head.weight.copy_(fold_input(head.weight, scale, rotations[-1].to(head.weight.device)))
-    adapter.layer_adapter_class.set_unit_norm(final_norm)
-
-
-def _fold_layer(layer_adapter, rotation: torch.Tensor) -> None:
-    for norm, linears in ((layer_adapter.attn_input_norm, layer_adapter.qkv),
-                          (layer_adapter.mlp_input_norm, layer_adapter.gate_up)):
-        scale = layer_adapter.norm_scale(norm)
-        for linear in linears:
-            linear.weight.copy_(fold_input(linear.weight, scale, rotation.to(linear.weight.device)))
-        layer_adapter.set_unit_norm(norm)
-    for output_norm, linear in ((layer_adapter.attn_output_norm, layer_adapter.o_proj),
-                                (layer_adapter.mlp_output_norm, layer_adapter.down_proj)):
-        if output_norm is None:
-            weight, bias = rotate_output(linear.weight, linear.bias, rotation.to(linear.weight.device))
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        else:
-            weight = output_norm.weight
-            attach_output_rotation(output_norm, rotation.to(device=weight.device, dtype=weight.dtype))
-
-
 def install_topk(adapter: ModelAdapter, plan: SparsityPlan) -> None:
     """Replace every site linear by a `TopKLinear` with the plan's K."""
     layer_adapters = adapter.layer_adapters()
@@ -145,7 +116,9 @@ def install_topk(adapter: ModelAdapter, plan: SparsityPlan) -> None:
     for layer_adapter, layer_k in zip(layer_adapters, plan.keep_k):
         for site, keep_k in zip(SITES, layer_k):
             for parent, name in layer_adapter.site_linears()[site]:
-                setattr(parent, name, TopKLinear.from_linear(getattr(parent, name), keep_k, site))
+                linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
+                setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
+    apply_topk_options(adapter.model, plan.config)
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> None:

@@ -102,6 +102,8 @@ class DecodeBenchmark:
     dense_layers_ms_per_token: float
     sparse_layers_ms_per_token: float
     layers_speedup: float
+    kernel_dense_ms_per_token: float | None
+    speedup_vs_kernel_dense: float | None
     effective_sparsity: float
     bytes_limit_speedup: float
     layers_bytes_limit_speedup: float
@@ -115,21 +117,28 @@ class DecodeBenchmark:
 
 
 def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repeats: int = 5, prompt_length: int = 16,
-                     warmup_tokens: int = 8, seed: int = 0) -> DecodeBenchmark:
-    """Interleave dense and sparse decode timings (whole model and decoder stack); medians over `repeats`."""
+                     warmup_tokens: int = 8, seed: int = 0, kernel_dense: nn.Module | None = None) -> DecodeBenchmark:
+    """Interleave dense and sparse decode timings (whole model and decoder stack); medians over `repeats`.
+
+    kernel_dense: optionally, the dense model run through rotsparse's own kernel at K = in (see
+    `structural_sparse_copy` at sparsity 0), a baseline that isolates what sparsity buys from what a
+    better GEMV buys.
+    """
     from .io import plan_of
 
     plan = plan_of(sparse)
     vocab = dense.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
-    for model in (dense, sparse):
+    models = {"dense": dense, "sparse": sparse} | ({"kernel_dense": kernel_dense} if kernel_dense else {})
+    for model in models.values():
         _decode_ms_per_token(model, prompt, warmup_tokens, layers_only=False)
-    timings = {key: [] for key in ("dense", "sparse", "dense_layers", "sparse_layers")}
+    timings = {key: [] for name in models for key in (name, f"{name}_layers")}
     for _ in range(repeats):
-        for key, model in (("dense", dense), ("sparse", sparse)):
+        for key, model in models.items():
             timings[key].append(_decode_ms_per_token(model, prompt, tokens, layers_only=False))
             timings[f"{key}_layers"].append(_decode_ms_per_token(model, prompt, tokens, layers_only=True))
     median = {key: statistics.median(values) for key, values in timings.items()}
+    kernel_dense_ms = median.get("kernel_dense")
     dense_bytes, sparse_bytes = weight_bytes(dense), weight_bytes(sparse)
     dtype = next(sparse.parameters()).dtype
     return DecodeBenchmark(
@@ -137,6 +146,8 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         speedup=median["dense"] / median["sparse"],
         dense_layers_ms_per_token=median["dense_layers"], sparse_layers_ms_per_token=median["sparse_layers"],
         layers_speedup=median["dense_layers"] / median["sparse_layers"],
+        kernel_dense_ms_per_token=kernel_dense_ms,
+        speedup_vs_kernel_dense=None if kernel_dense_ms is None else kernel_dense_ms / median["sparse"],
         effective_sparsity=plan.effective_sparsity,
         bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
         layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import LayerAdapter, ModelAdapter
+from .offload import execution_device, materialized
 
 
 class _InputRecorder(nn.Module):
@@ -90,7 +91,7 @@ def layerwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         raise ValueError(f"calibration input_ids must have shape (n, seq) with n, seq > 0, got {tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    device = adapter.embed_tokens.weight.device
+    device = execution_device(adapter.embed_tokens)  # the weight is on meta when accelerate offloads it
     num_layers = len(adapter.layers)
     records: list[list[dict]] = [[] for _ in range(num_layers)]
     hidden: list[torch.Tensor] = []
@@ -106,8 +107,9 @@ def layerwise(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         layer = adapter.layers[index]
         kwargs = [records[index][row] for row in range(len(hidden))]
         step = LayerStep(index, layer, hidden, kwargs, token_mask)
-        yield step
-        outputs = step.outputs if step.outputs is not None else step.run()
+        with materialized(layer, writeback=False):  # an offloaded layer is loaded once, not per sequence
+            yield step
+            outputs = step.outputs if step.outputs is not None else step.run()
         for output, mask in zip(outputs, token_mask):
             if not torch.isfinite(output[mask]).all():
                 raise FloatingPointError(
@@ -132,7 +134,7 @@ class SecondMoment:
         self.tokens = 0
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
+        rows = rows.to(device=self.sum.device, dtype=torch.float64)
         if not torch.isfinite(rows).all():
             raise FloatingPointError("NaN/Inf in calibration activations")
         self.sum += rows.T @ rows

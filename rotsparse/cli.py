@@ -83,13 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     recover = commands.add_parser("recover", help="Q-Sparse recovery training of a sparsified model")
-    _add_model_options(recover)
+    recover.add_argument("--model", required=True, help="alias, hub id, directory or .gguf of the dense model")
+    recover.add_argument("--sparsity", type=float, required=True, help="effective sparsity in [0, 1)")
+    recover.add_argument("--method", default=None, help="sparsification method (default: library default)")
     recover.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    recover.add_argument("--data", default="embedded", help="training DATA (default: embedded calibration part)")
+    recover.add_argument("--data", default="embedded",
+                         help="DATA to calibrate and train on (default: embedded calibration part)")
     recover.add_argument("--lr", type=float, default=None, help="peak learning rate")
     recover.add_argument("--seqlen", type=int, default=None, help="training sequence length")
     recover.add_argument("--batch-size", type=int, default=None, help="sequences per step")
-    recover.add_argument("--out", required=True, help="output directory")
+    recover.add_argument("--out", required=True, help="output directory (model, tokenizer, recovery.json)")
     return parser
 
 
@@ -201,24 +204,19 @@ def bench_command(args) -> dict:
             del dense.model.layers[args.layers:]
             dense.config.num_hidden_layers = args.layers
         sparse = sparse_copy(dense, {"tokenizer": tokenizer, **settings})
-    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats)
+    kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
+    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense)
     return {"model": args.model, "layers": len(dense.model.layers), **result.to_dict()}
 
 
 def recover_command(args) -> dict:
-    from .api import sparsify
-    from .data import load_texts
-    from .io import save
-    from .recovery import recover
+    from .recovery import recover_pretrained
 
-    model, tokenizer = _load(args)
-    sparsify(model, tokenizer, **_sparsify_settings(args))
     options = {key: value for key, value in
                (("lr", args.lr), ("seqlen", args.seqlen), ("batch_size", args.batch_size)) if value is not None}
-    result = recover(model, tokenizer, load_texts(args.data, part="calibration"), steps=args.steps, **options)
-    save(model, args.out, tokenizer)
-    return {"model": args.model, "out": args.out, "steps": args.steps,
-            "final_loss": getattr(result, "final_loss", None)}
+    result = recover_pretrained(args.model, args.sparsity, args.steps, args.out, data=args.data, method=args.method,
+                                **options)
+    return {"model": args.model, "out": args.out, "steps": args.steps, "final_loss": result.final_loss}
 
 
 COMMANDS = {"run": run_command, "sparsify": sparsify_command, "eval": evaluate_command, "bench": bench_command,

@@ -1,6 +1,7 @@
 """The user's request (`SparsifyConfig`) and what calibration decided from it (`SparsityPlan`).
 
-Both are small, frozen and JSON-serializable; they are saved next to the weights as ``rotsparse.json``.
+Both are small, frozen and JSON-serializable; the plan (with its config) is saved in the model's config.json
+under ``"rotsparse"``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from dataclasses import dataclass, field
 SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
-METHODS = ("larosa", "topk")
-"""``larosa``: layerwise PCA rotations folded into the weights, then Top-K. ``topk``: Top-K alone (TEAL-style)."""
+METHODS = ("auto", "larosa", "topk")
+"""``auto`` (default): weight-aware (WINA) channel scales folded into the weights, a per-layer residual basis
+(identity or PCA) and K per site per layer, both chosen from calibrated Top-K output errors (see
+`rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K.
+``topk``: Top-K alone (TEAL-style)."""
 
 DEFAULT_SITE_COEFFICIENTS = {
     # LaRoSA's release sparsifies h1/h3 less and h2/h4 more than the target.
     "larosa": (0.8, 1.2, 0.8, 1.2),
     "topk": (1.0, 1.0, 1.0, 1.0),
+    # auto allocates K from calibrated errors; these only serve as the reference for choosing rotations.
+    "auto": (1.0, 1.0, 1.0, 1.0),
 }
+
+MLP_ACTIVATIONS = (None, "relu2")
+"""``mlp_activation`` choices: None keeps the model's own; ``relu2`` is squared ReLU (Q-Sparse, from scratch)."""
 
 FORMAT_VERSION = 1
 
@@ -32,17 +41,29 @@ class SparsifyConfig:
     sparsity: requested parameter-weighted effective sparsity in [0, 1).
     method: one of `METHODS`.
     site_coefficients: relative sparsity of (h1, h2, h3, h4); rescaled so the weighted mean hits `sparsity`.
-        None picks the method's default (`DEFAULT_SITE_COEFFICIENTS`).
+        None picks the method's default (`DEFAULT_SITE_COEFFICIENTS`); for ``auto``, None allocates K per
+        site per layer from calibrated errors and explicit coefficients override that.
     num_sequences, sequence_length: calibration size (tokens = product).
     seed: seeds anything random in calibration.
+    error_tokens: calibration tokens sampled per layer to measure Top-K output errors (``auto``).
+    l2_rescale: after Top-K, rescale each token's kept vector to the L2 norm of the full vector (Q-Sparse).
+    block_size: M > 0 selects block (N:M) Top-K: keep N = round(K * M / width) of every M consecutive
+        entries (Block Q-Sparse, for batch kernels); 0 keeps the K largest of the whole token.
+    mlp_activation: None keeps the model's MLP activation; "relu2" swaps in squared ReLU,
+        ReLU(x W_gate)^2 * (x W_up) (Q-Sparse, for models trained from scratch).
+    These three change the forward pass and are applied by `rotsparse.topk.apply_topk_options`.
     """
 
     sparsity: float = 0.4
-    method: str = "larosa"
+    method: str = "auto"
     site_coefficients: tuple[float, float, float, float] | None = None
     num_sequences: int = 16
     sequence_length: int = 2048
     seed: int = 0
+    error_tokens: int = 512
+    l2_rescale: bool = False
+    block_size: int = 0
+    mlp_activation: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity):
@@ -60,6 +81,14 @@ class SparsifyConfig:
             object.__setattr__(self, "site_coefficients", coefficients)
         if self.num_sequences < 1 or self.sequence_length < 1:
             raise ValueError("num_sequences and sequence_length must be >= 1")
+        if isinstance(self.error_tokens, bool) or not isinstance(self.error_tokens, int) or self.error_tokens < 1:
+            raise ValueError(f"error_tokens must be an integer >= 1, got {self.error_tokens!r}")
+        if not isinstance(self.l2_rescale, bool):
+            raise ValueError(f"l2_rescale must be True or False, got {self.l2_rescale!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ValueError(f"block_size must be an integer >= 0 (0: unstructured Top-K), got {self.block_size!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; choose one of {MLP_ACTIVATIONS}")
 
     @property
     def coefficients(self) -> tuple[float, float, float, float]:
@@ -91,12 +120,14 @@ class SparsityPlan:
     keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l.
     site_sizes[l][s]: (input width, parameters fed) of that site, for effective-sparsity accounting.
     rotated: True when layerwise rotations were folded into the weights.
+    calibration_tokens: tokens the statistics were computed on (0 when none were needed).
     """
 
     keep_k: tuple[tuple[int, ...], ...]
     site_sizes: tuple[tuple[tuple[int, int], ...], ...]
     rotated: bool
     config: SparsifyConfig = field(default_factory=SparsifyConfig)
+    calibration_tokens: int = 0
 
     @property
     def effective_sparsity(self) -> float:
@@ -113,6 +144,7 @@ class SparsityPlan:
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "rotated": self.rotated,
+            "calibration_tokens": self.calibration_tokens,
             "keep_k": [list(k) for k in self.keep_k],
             "site_sizes": [[list(s) for s in layer] for layer in self.site_sizes],
             "effective_sparsity": self.effective_sparsity,
@@ -131,4 +163,5 @@ class SparsityPlan:
             site_sizes=tuple(tuple((int(w), int(p)) for w, p in layer) for layer in data["site_sizes"]),
             rotated=bool(data["rotated"]),
             config=SparsifyConfig.from_dict(data["config"]),
+            calibration_tokens=int(data.get("calibration_tokens", 0)),
         )

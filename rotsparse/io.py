@@ -18,6 +18,7 @@ from torch import nn
 from .adapters import get_adapter
 from .api import PLAN_ATTRIBUTE, attach_plan, install_topk, site_sizes_for
 from .config import SparsityPlan
+from .offload import execution_device
 from .topk import ROTATION_BUFFER, attach_output_rotation
 
 CONFIG_KEY = "rotsparse"
@@ -109,10 +110,12 @@ def _quiet_transformers():
 
 
 def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         device_map=None) -> nn.Module:
+         device_map=None, max_memory: dict | None = None, offload_folder: str | Path | None = None) -> nn.Module:
     """Restore a model written by `save` (or `model.save_pretrained` after `sparsify`), with no calibration.
 
-    dtype: None keeps the saved dtype. device_map: passed to from_pretrained (e.g. "auto") instead of `device`.
+    dtype: None keeps the saved dtype. device_map: passed to from_pretrained (e.g. "auto", or a dict naming
+    "cpu" / "disk" for modules) instead of `device`; `max_memory` and `offload_folder` go with it, and
+    accelerate dispatches the model over GPUs, CPU and disk (see `rotsparse.offload`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +127,9 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
         raise ValueError(f"{directory}: the plan says the model is rotated but no rotation tensors were saved")
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
-            directory, dtype="auto" if dtype is None else dtype, device_map=device_map, output_loading_info=True)
+            directory, dtype="auto" if dtype is None else dtype, device_map=device_map, output_loading_info=True,
+            **({} if max_memory is None else {"max_memory": max_memory}),
+            **({} if offload_folder is None else {"offload_folder": str(offload_folder)}))
     if info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]:
         raise ValueError(f"{directory}: weights do not match the saved config: {info}")
     adapter = get_adapter(model)
@@ -133,8 +138,8 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
         raise ValueError(f"{directory}: layer shapes {site_sizes} do not match the saved plan {plan.site_sizes}")
     for module_name, rotation in rotations.items():
         module = model.get_submodule(module_name)
-        weight = next(module.parameters())
-        attach_output_rotation(module, rotation.to(device=weight.device, dtype=weight.dtype))
+        weight = next(module.parameters())  # its device is meta when accelerate offloads it
+        attach_output_rotation(module, rotation.to(device=execution_device(module), dtype=weight.dtype))
     install_topk(adapter, plan)
     attach_plan(model, plan)
     if device_map is None:

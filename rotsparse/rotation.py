@@ -1,4 +1,4 @@
-"""Rotations from second moments, and the weight surgery that folds them in (pure tensor functions).
+"""Rotations, channel scalings and Top-K error curves: pure float64 tensor functions for the weight surgery.
 
 Conventions: activations are row vectors; a residual stream in basis Q holds x' = x @ Q. Every function
 takes and returns float64 tensors; callers cast back to the model dtype once.
@@ -60,3 +60,79 @@ def rotate_embedding(embedding: torch.Tensor, rotation: torch.Tensor) -> torch.T
 def residual_adapter(rotation_from: torch.Tensor, rotation_to: torch.Tensor) -> torch.Tensor:
     """Matrix (d, d) taking a stream from basis Q_from to Q_to: x_to = x_from @ (Q_from^T Q_to)."""
     return rotation_from.double().T @ rotation_to.double()
+
+
+def column_scale(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Input-channel scale c (in,) of the linears (out_i, in) reading one site: the norm of each input
+    channel's column over all of them, sqrt(sum_i ||W_i[:, j]||^2), floored at 1e-12 of the largest.
+
+    Top-K on |x * c| is Top-K on |x| weighted by how much each channel can move the outputs (WINA).
+    """
+    squares = sum(w.detach().double().pow(2).sum(0) for w in weights)
+    norms = squares.sqrt()
+    return norms.clamp_min(1e-12 * float(norms.max()) if norms.max() > 0 else 1.0)
+
+
+def scale_input(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W diag(1/c) (out, in): the linear that reads x * c and computes what `weight` computed on x."""
+    return weight.double() / scale.double()[None, :]
+
+
+def scale_output(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor):
+    """(diag(c) W, c * b): a linear (out, in) whose outputs come out multiplied by c (out,)."""
+    scale = scale.double()
+    return weight.double() * scale[:, None], None if bias is None else bias.double() * scale
+
+
+def grouped_head_scale(channel_scale: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Share a per-o_proj-input-channel scale (num_heads * head_dim,) within GQA groups.
+
+    The query heads of a group read the same value head, so a scale folded into v_proj's rows must be
+    one per value channel: the RMS over the group's heads. Returns (num_kv_heads * head_dim,).
+    """
+    head_dim = channel_scale.shape[0] // num_heads
+    groups = channel_scale.double().view(num_kv_heads, num_heads // num_kv_heads, head_dim)
+    return groups.pow(2).mean(1).sqrt().reshape(-1)
+
+
+def expand_head_scale(value_scale: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Per-value-channel scale (num_kv_heads * head_dim,) -> per-o_proj-input-channel (num_heads * head_dim,)."""
+    head_dim = value_scale.shape[0] // num_kv_heads
+    per_kv = value_scale.double().view(num_kv_heads, 1, head_dim)
+    return per_kv.expand(num_kv_heads, num_heads // num_kv_heads, head_dim).reshape(-1)
+
+
+def topk_error_curve(inputs: torch.Tensor, weight: torch.Tensor, points: int = 32,
+                     chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Relative output error of per-token Top-K for every K: (d + 1,), entry K = sum_t ||r_t W^T||^2 / sum_t
+    ||x_t W^T||^2, with r_t what Top-K drops from x_t.
+
+    inputs: (n, d) rows as the Top-K sees them; weight: (out, d), the linears reading them stacked.
+    Exact at `points` + 1 evenly spaced K (entries ranked by |x| are cut into blocks, one matmul per
+    block, suffix sums over blocks), linear in between. Cost O(points * n * d * out).
+    """
+    inputs, weight = inputs.float(), weight.float()
+    width = inputs.shape[1]
+    grid = torch.unique(torch.linspace(0, width, points + 1).round().long())
+    ranks = inputs.abs().argsort(dim=-1, descending=True).argsort(dim=-1)
+    blocks = torch.bucketize(ranks, grid[1:-1], right=True)
+    count = grid.numel() - 1
+    errors = torch.zeros(count, dtype=torch.float64)
+    chunk = max(1, chunk_elements // (count * max(width, weight.shape[0])))
+    block_ids = torch.arange(count)[:, None, None]
+    for start in range(0, inputs.shape[0], chunk):
+        rows, row_blocks = inputs[start : start + chunk], blocks[start : start + chunk]
+        parts = (rows[None] * (row_blocks[None] == block_ids)) @ weight.T  # (blocks, n, out)
+        dropped = parts.flip(0).cumsum(0).flip(0)  # block b: everything ranked >= grid[b]
+        errors += dropped.pow(2).sum((1, 2)).double()
+    at_grid = torch.cat([errors / errors[0].clamp_min(torch.finfo(torch.float64).tiny),
+                         torch.zeros(1, dtype=torch.float64)])
+    return _interpolate(torch.arange(width + 1, dtype=torch.float64), grid.double(), at_grid)
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x (xp increasing, x within [xp[0], xp[-1]])."""
+    index = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
+    left, right = xp[index - 1], xp[index]
+    weight = (x - left) / (right - left)
+    return fp[index - 1] + weight * (fp[index] - fp[index - 1])

@@ -35,6 +35,59 @@ def keep_topk(x: torch.Tensor, keep_k: int, straight_through: bool = False) -> t
     return sparse
 
 
+def block_keep(keep_k: int, width: int, block_size: int) -> int:
+    """N of block (N:M) Top-K for a site that keeps `keep_k` of `width` entries: round(K * M / width)."""
+    if block_size < 1 or width % block_size:
+        raise ValueError(f"block_size {block_size} must divide the input width {width}")
+    return min(block_size, max(0, int(round(keep_k * block_size / width))))
+
+
+def keep_topk_blocks(x: torch.Tensor, keep_n: int, block_size: int, straight_through: bool = False) -> torch.Tensor:
+    """Block (N:M) Top-K: in every run of `block_size` consecutive entries of the last dim keep the `keep_n`
+    largest |x|, per token (Block Q-Sparse). Shape unchanged; `straight_through` as in `keep_topk`."""
+    width = x.shape[-1]
+    if block_size < 1 or width % block_size:
+        raise ValueError(f"block_size {block_size} must divide the last dimension {width}")
+    if not 0 <= keep_n <= block_size:
+        raise ValueError(f"keep_n must be in [0, {block_size}], got {keep_n}")
+    if keep_n == block_size:
+        return x
+    blocks = x.unflatten(-1, (width // block_size, block_size))
+    if keep_n == 0:
+        sparse = torch.zeros_like(x)
+    else:
+        indices = blocks.detach().abs().topk(keep_n, dim=-1, sorted=False).indices
+        sparse = torch.zeros_like(blocks).scatter(-1, indices, blocks.gather(-1, indices)).flatten(-2)
+    if straight_through:
+        return x + (sparse - x).detach()
+    return sparse
+
+
+def l2_rescale_factor(x: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """Per-token ||x|| / ||sparse|| (shape (..., 1), float32; 1 where nothing was kept)."""
+    full = x.float().norm(dim=-1, keepdim=True)
+    kept = sparse.float().norm(dim=-1, keepdim=True)
+    return torch.where(kept > 0, full / kept.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(kept))
+
+
+def sparsify_activation(x: torch.Tensor, keep_k: int, *, block_size: int = 0, l2_rescale: bool = False,
+                        straight_through: bool = False) -> torch.Tensor:
+    """The Top-K site function: per-token Top-K (or block N:M Top-K when `block_size` > 0, with
+    N = `block_keep(keep_k, width, block_size)`), optionally rescaled per token to the L2 norm of `x`
+    (Q-Sparse). With `straight_through` the whole function has an identity backward (STE)."""
+    if block_size:
+        sparse = keep_topk_blocks(x, block_keep(keep_k, x.shape[-1], block_size), block_size)
+    else:
+        sparse = keep_topk(x, keep_k)
+    if sparse is x:
+        return x
+    if l2_rescale:
+        sparse = sparse * l2_rescale_factor(x, sparse).to(sparse.dtype)
+    if straight_through:
+        return x + (sparse - x).detach()
+    return sparse
+
+
 def to_input_major(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) weight as the transpose view of a contiguous (in, out) tensor."""
     return weight.detach().t().contiguous().t()
@@ -58,6 +111,8 @@ class TopKLinear(nn.Linear):
         self.site = site
         self.use_kernel = True
         self.straight_through = True
+        self.l2_rescale = False  # Q-Sparse options, set from the plan by `apply_topk_options`
+        self.block_size = 0
         self.weight = nn.Parameter(to_input_major(self.weight), requires_grad=self.weight.requires_grad)
 
     @classmethod
@@ -72,28 +127,117 @@ class TopKLinear(nn.Linear):
         return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
                 and not self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep_k >= self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        if self._is_decode_step(x):
-            from .kernels import topk_gemv
+    @property
+    def kept_per_token(self) -> int:
+        """Entries kept per token: K, or N * (width / M) in block (N:M) mode."""
+        if self.block_size:
+            return block_keep(self.keep_k, self.in_features, self.block_size) * (self.in_features // self.block_size)
+        return self.keep_k
 
-            return topk_gemv(x, self.weight.t(), self.bias, self.keep_k)
-        sparse = keep_topk(x, self.keep_k, straight_through=self.training and self.straight_through)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_decode_step(x):
+            return self._decode(x)
+        if self.kept_per_token >= self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
+                                     straight_through=self.training and self.straight_through)
         return F.linear(sparse, self.weight, self.bias)
 
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token through the sparse kernel; block mode and L2 rescaling select the channels here and
+        apply the per-token scale ||x|| / ||kept|| to the kernel's output before the bias."""
+        from .kernels import index_gemv, topk_gemv, topk_indices
+
+        weight_t = self.weight.t()
+        if not self.block_size and not self.l2_rescale:
+            return topk_gemv(x, weight_t, self.bias, self.keep_k)
+        if self.block_size:
+            indices = _block_indices(x.reshape(-1), block_keep(self.keep_k, self.in_features, self.block_size),
+                                     self.block_size)
+        else:
+            indices = topk_indices(x, self.keep_k)
+        output = index_gemv(x, indices, weight_t, None)
+        if self.l2_rescale:
+            flat = x.reshape(-1).float()
+            kept = flat.index_select(0, indices).norm()
+            scale = torch.where(kept > 0, flat.norm() / kept.clamp_min(torch.finfo(torch.float32).tiny),
+                                torch.ones_like(kept))
+            output = (output.float() * scale).to(output.dtype)
+        if self.bias is not None:
+            output = output + self.bias
+        return output
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}"
+        options = ""
+        if self.block_size:
+            options += f", block={block_keep(self.keep_k, self.in_features, self.block_size)}:{self.block_size}"
+        if self.l2_rescale:
+            options += ", l2_rescale=True"
+        return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
+
+
+def _block_indices(x: torch.Tensor, keep_n: int, block_size: int) -> torch.Tensor:
+    """Ascending indices of the entries block (N:M) Top-K keeps in one token x (width,)."""
+    blocks = x.view(-1, block_size)
+    offsets = torch.arange(0, x.numel(), block_size, device=x.device).unsqueeze(-1)
+    return (blocks.abs().topk(keep_n, dim=-1, sorted=False).indices + offsets).flatten().sort().values
+
+
+class SquaredReLU(nn.Module):
+    """ReLU(x)^2: with it a gated MLP computes ReLU(x W_gate)^2 * (x W_up) (Q-Sparse's choice from scratch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def _gated_mlps(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if all(hasattr(m, name) for name in ("act_fn", "gate_proj", "up_proj", "down_proj"))]
+
+
+def apply_topk_options(model: nn.Module, config) -> None:
+    """Make the installed Top-K sites (and MLPs) follow `config`'s Q-Sparse switches.
+
+    config: a `SparsifyConfig` (its `l2_rescale`, `block_size`, `mlp_activation`). Idempotent; called after
+    the TopKLinears are installed (sparsify and load) and by `rotsparse.recovery.configure`.
+    """
+    sites = [m for m in model.modules() if isinstance(m, TopKLinear)]
+    if config.block_size:
+        bad = sorted({m.in_features for m in sites if m.in_features % config.block_size})
+        if bad:
+            raise ValueError(f"block_size {config.block_size} does not divide the Top-K input widths {bad}")
+    for module in sites:
+        module.l2_rescale = bool(config.l2_rescale)
+        module.block_size = int(config.block_size)
+    mlps = _gated_mlps(model)
+    if config.mlp_activation == "relu2":
+        if not mlps:
+            raise ValueError("mlp_activation='relu2' needs gated MLPs (gate_proj, up_proj, down_proj, act_fn)")
+        for mlp in mlps:
+            if not isinstance(mlp.act_fn, SquaredReLU):
+                mlp.act_fn = SquaredReLU()
+    elif config.mlp_activation is None and any(isinstance(mlp.act_fn, SquaredReLU) for mlp in mlps):
+        raise ValueError("the MLPs already use squared ReLU; it cannot be switched back in place")
 
 
 ROTATION_BUFFER = "rotsparse_output_rotation"
 
 
+def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x (..., d) @ rotation (d, d); a single inference token goes through the dense decode kernel."""
+    rotation = rotation.to(x.dtype)
+    if x.numel() == rotation.shape[0] and not torch.is_grad_enabled() and rotation.is_contiguous():
+        from .kernels import topk_gemv
+
+        return topk_gemv(x, rotation, None, rotation.shape[0])
+    return x @ rotation
+
+
 def _rotate_output_hook(module: nn.Module, args, output):
     rotation = getattr(module, ROTATION_BUFFER)
     if isinstance(output, tuple):
-        return (output[0] @ rotation.to(output[0].dtype),) + tuple(output[1:])
-    return output @ rotation.to(output.dtype)
+        return (rotate_rows(output[0], rotation),) + tuple(output[1:])
+    return rotate_rows(output, rotation)
 
 
 def attach_output_rotation(module: nn.Module, rotation: torch.Tensor) -> None:

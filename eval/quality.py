@@ -1,0 +1,202 @@
+"""Perplexity of every method x sparsity on real models: dense vs sparse, gap ratio against magnitude Top-K.
+
+    python eval/quality.py --models smollm2-135m gemma3-270m --methods topk auto --sparsities 0.25 0.4 0.5 0.6
+
+Each model is loaded once and kept dense in memory; every run sparsifies a deep copy. Calibrated methods
+calibrate once per model (timed) and reuse that calibration for every sparsity (``sparsify(calibrated=)``).
+Calibration: the embedded corpus' calibration part; evaluation: its held-out part, 2048-token windows.
+One JSON record per run is appended to --out, and --markdown is re-rendered from all records in --out.
+
+Methods: the library's (``topk``, ``larosa``, ``auto``) and ablations of ``auto`` (`VARIANTS`), which reuse
+the ``auto`` calibration with fewer rotation candidates or another K allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rotsparse.api import calibrate, sparsify
+from rotsparse.config import SparsifyConfig
+from rotsparse.methods import AutoOptions
+from rotsparse.topk import ROTATION_BUFFER
+
+RESULTS = Path(__file__).parent / "results"
+LAROSA_COEFFICIENTS = (0.8, 1.2, 0.8, 1.2)
+
+# name -> (library method, AutoOptions restricting the auto calibration, explicit site coefficients)
+VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
+    "topk": ("topk", None, None),
+    "larosa": ("larosa", None, None),
+    "larosa-uniform": ("larosa", None, (1.0, 1.0, 1.0, 1.0)),
+    "auto": ("auto", AutoOptions(), None),
+    "wina": ("auto", AutoOptions(rotations=("identity",), allocation="uniform"), None),
+    "wina+rot": ("auto", AutoOptions(allocation="uniform"), None),
+    "wina+alloc": ("auto", AutoOptions(rotations=("identity",)), None),
+    "wina+rot+larosa-coef": ("auto", AutoOptions(allocation="uniform"), LAROSA_COEFFICIENTS),
+    "auto-pca-only": ("auto", AutoOptions(rotations=("identity", "pca")), None),
+}
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "rotsparse"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def adapter_overhead(model: torch.nn.Module) -> float:
+    """Multiply-adds of the residual adapters / output rotations per token, relative to the dense site linears."""
+    extra = sum(getattr(m, ROTATION_BUFFER).numel() for m in model.modules() if hasattr(m, ROTATION_BUFFER))
+    total = sum(params for layer in model.rotsparse_plan.site_sizes for _, params in layer)
+    return extra / total
+
+
+def evaluate(model, tokenizer, texts, eval_tokens: int | None) -> tuple[float, int]:
+    from rotsparse.evaluation import perplexity
+
+    result = perplexity(model, tokenizer, texts, seqlen=2048, max_tokens=eval_tokens, progress=False)
+    return result.ppl, result.tokens
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--methods", nargs="+", default=["topk", "auto"], choices=sorted(VARIANTS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.6])
+    parser.add_argument("--calibration-sequences", type=int, default=16)
+    parser.add_argument("--error-tokens", type=int, default=SparsifyConfig.error_tokens)
+    parser.add_argument("--eval-tokens", type=int, default=None, help="default: the whole held-out part")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reuse-dense", action="store_true",
+                        help="take the dense ppl from the latest record in --out with the same model and --eval-tokens")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.jsonl")
+    parser.add_argument("--markdown", type=Path, default=RESULTS / "quality.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python eval/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from rotsparse.data import calibration_batch, load_texts
+    from rotsparse.models import load_model
+
+    eval_texts = load_texts("embedded", part="evaluation")
+    commit = git_commit()
+    for model_name in args.models:
+        dense, tokenizer = load_model(model_name)
+        previous = [r for r in map(json.loads, args.out.read_text().splitlines()) if r["model"] == model_name
+                    and r.get("eval_tokens_requested") == args.eval_tokens] if args.reuse_dense else []
+        if previous:
+            dense_ppl, eval_tokens = previous[-1]["dense_ppl"], previous[-1]["eval_tokens"]
+        else:
+            dense_ppl, eval_tokens = evaluate(dense, tokenizer, eval_texts, args.eval_tokens)
+        print(f"{model_name}: dense ppl {dense_ppl:.4f} over {eval_tokens} tokens", flush=True)
+        calibration_ids = calibration_batch(tokenizer, load_texts("embedded", part="calibration"),
+                                            num_sequences=args.calibration_sequences, sequence_length=2048)
+        calibrations = {}
+        topk_gaps: dict[float, float] = {}
+        for name in args.methods:
+            method, options, coefficients = VARIANTS[name]
+            base_config = SparsifyConfig(method=method, num_sequences=args.calibration_sequences,
+                                         error_tokens=args.error_tokens, site_coefficients=coefficients)
+            calibrated = None
+            if method != "topk":
+                key = (method, options.scaling if options else None)
+                if key not in calibrations:
+                    calibrations[key] = calibrate(dense, calibration=calibration_ids, config=base_config,
+                                                  progress=False)
+                calibrated = calibrations[key]
+                if options is not None:
+                    calibrated = calibrated.restricted(options)
+            for sparsity in args.sparsities:
+                model = copy.deepcopy(dense)
+                config = SparsifyConfig(**{**base_config.to_dict(), "sparsity": sparsity})
+                sparsify(model, config=config, calibrated=calibrated, progress=False)
+                started = time.perf_counter()
+                sparse_ppl, _ = evaluate(model, tokenizer, eval_texts, args.eval_tokens)
+                gap = sparse_ppl - dense_ppl
+                if name == "topk":
+                    topk_gaps[sparsity] = gap
+                record = {
+                    "model": model_name, "method": name, "sparsity": sparsity,
+                    "effective_sparsity": model.rotsparse_plan.effective_sparsity,
+                    "dense_ppl": dense_ppl, "sparse_ppl": sparse_ppl, "ppl_gap": gap,
+                    "gap_ratio_vs_topk": gap / topk_gaps[sparsity] if sparsity in topk_gaps else None,
+                    "adapter_overhead": adapter_overhead(model),
+                    "calibration_seconds": None if calibrated is None else calibrated.seconds,
+                    "error_seconds": None if calibrated is None else calibrated.error_seconds,
+                    "calibration_tokens": 0 if calibrated is None else calibrated.tokens,
+                    "error_tokens": args.error_tokens, "eval_tokens": eval_tokens,
+                    "eval_tokens_requested": args.eval_tokens,
+                    "eval_seconds": time.perf_counter() - started, "commit": commit, "command": command,
+                }
+                print(json.dumps(record), flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                render(args.out, args.markdown)
+                del model
+
+
+def render(results: Path, markdown: Path) -> None:
+    """Markdown tables from every record in `results`: the latest record per (model, method, sparsity,
+    settings); gap ratios recomputed against the topk run with the same settings."""
+    records = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        records[(r["model"], r["eval_tokens"], r["method"], r["sparsity"], r["calibration_tokens"])] = r
+    lines = ["# Perplexity: sparse methods vs magnitude Top-K", "",
+             "Calibration: embedded corpus, calibration part; evaluation: its held-out part (2048-token windows).",
+             "gap = sparse ppl - dense ppl; ratio = gap / gap of `topk` at the same sparsity (target <= 0.5).",
+             "Effective sparsity is parameter-weighted (`SparsityPlan.effective_sparsity`); adapters = extra",
+             "multiply-adds of residual adapters / output rotations relative to the dense site linears.", ""]
+    groups = {}
+    for r in records.values():
+        groups.setdefault((r["model"], r["eval_tokens"]), []).append(r)
+    for (model, eval_tokens), rows in sorted(groups.items()):
+        dense = rows[0]["dense_ppl"]
+        sparsities = sorted({r["sparsity"] for r in rows})
+        topk = {r["sparsity"]: r["ppl_gap"] for r in rows if r["method"] == "topk"}
+        calibration_tokens = sorted({r["calibration_tokens"] for r in rows if r["calibration_tokens"]})
+        lines += [(f"## {model} (dense ppl {dense:.3f}, {eval_tokens} eval tokens, "
+                   f"calibration tokens {calibration_tokens or '-'})"), "",
+                  "| method | " + " | ".join(f"{s:.0%}: ppl (gap, ratio)" for s in sparsities)
+                  + " | eff. sparsity | adapters | calib. s |",
+                  "|---|" + "---|" * len(sparsities) + "---|---|---|"]
+        methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "topk", m != "auto", m))
+        for method in methods:
+            by_sparsity = {r["sparsity"]: r for r in rows if r["method"] == method}
+            cells = []
+            for s in sparsities:
+                r = by_sparsity.get(s)
+                if r is None:
+                    cells.append("")
+                    continue
+                ratio = r["ppl_gap"] / topk[s] if s in topk and topk[s] > 0 else math.nan
+                cells.append(f"{r['sparse_ppl']:.2f} ({r['ppl_gap']:+.2f}, {ratio:.2f})")
+            effective = ", ".join(f"{r['effective_sparsity']:.3f}" for _, r in sorted(by_sparsity.items()))
+            overhead = max(r["adapter_overhead"] for r in by_sparsity.values())
+            seconds = next(iter(by_sparsity.values()))["calibration_seconds"]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {effective} | {overhead:.3f} | "
+                         + ("-" if seconds is None else f"{seconds:.0f}") + " |")
+        commands = sorted({r["command"] for r in rows})
+        lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
+    markdown.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Methods: what one calibration pass measures, and how a plan is built from it for any sparsity.
+
+``calibrate`` runs the model layer by layer once and keeps only sparsity-independent results (candidate
+rotations, Top-K error curves); ``apply`` turns them into folded weights and a `SparsityPlan` for a
+requested sparsity, so one calibration serves every sparsity.
+
+``auto`` (the default):
+  1. Weight-aware selection at zero run-time cost (WINA): every site's input is multiplied by the column
+     norms c of the linears reading it, and those linears by diag(1/c); Top-K on |x * c| then keeps the
+     channels that move the outputs most. The scale lives in the pre-norm weight (h1, h3), in v_proj's
+     rows (h2, shared within GQA groups) and in up_proj's rows (h4).
+  2. Per-layer residual basis: identity, PCA of the normalised attention input, or PCA of the norm's
+     output (scale included), whichever gives the smaller calibrated Top-K output error at h1 + h3.
+     Identity layers next to each other need no residual adapter, and none is attached.
+  3. K per site per layer minimising the sum of calibrated relative output errors under the
+     parameter-weighted budget (Lagrangian on exact error curves), unless `site_coefficients` is given.
+``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
+``topk``: magnitude Top-K on the unchanged model, no calibration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import LayerAdapter, ModelAdapter
+from .calibration import SecondMoment, layerwise, normalized_rows
+from .config import SITES, SparsifyConfig
+from .offload import materialized
+from .rotation import (
+    column_scale,
+    expand_head_scale,
+    fold_input,
+    grouped_head_scale,
+    pca_rotation,
+    residual_adapter,
+    rotate_embedding,
+    rotate_output,
+    scale_input,
+    scale_output,
+    topk_error_curve,
+)
+from .topk import allocate_keep_k, attach_output_rotation
+
+CALIBRATED_METHODS = ("auto", "larosa")
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """Switches of the ``auto`` pipeline (the defaults are ``auto``; the others exist for ablations).
+
+    rotations: candidate residual bases per layer, from "identity", "pca" (normalised attention input),
+        "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
+    allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
+    """
+
+    rotations: tuple[str, ...] = ("identity", "pca", "pca_scaled")
+    scaling: bool = True
+    allocation: str = "error"
+
+
+@dataclass
+class LayerCalibration:
+    """Sparsity-independent results for one decoder layer.
+
+    rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order.
+    curves[site]: relative Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one
+        curve per candidate rotation, for h2 and h4 one curve.
+    """
+
+    rotations: list[torch.Tensor | None]
+    curves: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass of `method` found; reusable for any sparsity on the same dense model."""
+
+    method: str
+    options: AutoOptions
+    layers: list[LayerCalibration]
+    tokens: int
+    seconds: float
+    error_seconds: float
+    """Part of `seconds` spent on rotations and error curves (the rest is running the layers)."""
+
+    def restricted(self, options: AutoOptions) -> Calibration:
+        """The same measurements seen with fewer rotation candidates or another allocation (ablations)."""
+        if options.scaling != self.options.scaling or not set(options.rotations) <= set(self.options.rotations):
+            raise ValueError(f"{options} is not a restriction of {self.options}")
+        keep = [self.options.rotations.index(name) for name in options.rotations]
+        layers = [LayerCalibration([layer.rotations[i] for i in keep],
+                                   {site: [curves[i] for i in keep] if site in ("h1", "h3") else curves
+                                    for site, curves in layer.curves.items()})
+                  for layer in self.layers]
+        return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
+
+
+# calibration ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _site_samples(layer_adapter: LayerAdapter, moments: dict, samples: dict, positions: list):
+    """Hooks: second moments of the normalised attention input (all real tokens, `positions[1]`) and, at `positions[0]`
+    (a (1, seq) bool mask of sampled tokens), rows of the normalised inputs and of the h2/h4 inputs."""
+
+    def norm_hook(key, norm):
+        eps = layer_adapter.norm_eps(norm)
+
+        def hook(module, args):
+            x = args[0]
+            if key in moments:
+                moments[key].add(normalized_rows(x[positions[1]], eps))
+            samples[key].append(normalized_rows(x[positions[0]], eps))
+
+        return hook
+
+    def input_hook(key):
+        def hook(module, args):
+            samples[key].append(args[0][positions[0]].double())
+
+        return hook
+
+    handles = [
+        layer_adapter.attn_input_norm.register_forward_pre_hook(norm_hook("h1", layer_adapter.attn_input_norm)),
+        layer_adapter.mlp_input_norm.register_forward_pre_hook(norm_hook("h3", layer_adapter.mlp_input_norm)),
+        layer_adapter.o_proj.register_forward_pre_hook(input_hook("h2")),
+        layer_adapter.down_proj.register_forward_pre_hook(input_hook("h4")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _sample_positions(token_mask: list[torch.Tensor], count: int, seed: int) -> list[torch.Tensor]:
+    """(1, seq) bool masks choosing `count` real tokens in all, spread evenly over the sequences."""
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.cat([mask.reshape(-1).cpu() for mask in token_mask])
+    chosen = torch.zeros_like(real)
+    indices = real.nonzero().squeeze(1)
+    chosen[indices[torch.randperm(indices.numel(), generator=generator)[:count]]] = True
+    masks, start = [], 0
+    for mask in token_mask:
+        masks.append(chosen[start : start + mask.numel()].view_as(mask).to(mask.device))
+        start += mask.numel()
+    return masks
+
+
+def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None, config: SparsifyConfig,
+              options: AutoOptions | None = None, progress: bool = True) -> Calibration:
+    """One layer-by-layer pass over the calibration tokens (n, seq) for `config.method`."""
+    if config.method not in CALIBRATED_METHODS:
+        raise ValueError(f"method {config.method!r} needs no calibration")
+    options = options or AutoOptions()
+    if config.method == "larosa":
+        options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform")
+    start = time.perf_counter()
+    layers, tokens, error_seconds = [], 0, 0.0
+    positions = None
+    for step in layerwise(model, adapter, input_ids, attention_mask, progress):
+        if positions is None:
+            positions = _sample_positions(step.token_mask, config.error_tokens, config.seed)
+        layer_adapter = adapter.layer_adapter_class(step.layer)
+        width = layer_adapter.attn_input_norm.weight.shape[-1]
+        moments = {"h1": SecondMoment(width)}
+        samples = {site: [] for site in SITES}
+        outputs = []
+        current: list = [None, None]
+        with _site_samples(layer_adapter, moments, samples, current), torch.no_grad():
+            for hidden, kwargs, mask, sampled in zip(step.hidden, step.kwargs, step.token_mask, positions):
+                current[:] = [sampled, mask]
+                output = step.layer(hidden, **kwargs)
+                outputs.append(output[0] if isinstance(output, tuple) else output)
+        step.outputs = outputs
+        tokens = moments["h1"].tokens
+        rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
+        error_start = time.perf_counter()
+        layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options))
+        error_seconds += time.perf_counter() - error_start
+    return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
+
+
+def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor) -> torch.Tensor | None:
+    if name == "identity":
+        return None
+    if name == "pca":
+        return pca_rotation(attn_moment)
+    if name == "pca_scaled":
+        return pca_rotation(norm_scale[:, None] * attn_moment * norm_scale[None, :])
+    raise ValueError(f"unknown rotation candidate {name!r}")
+
+
+@torch.no_grad()
+def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
+                     options: AutoOptions) -> LayerCalibration:
+    attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
+    rotations = [_candidate(name, attn_moment, attn_scale) for name in options.rotations]
+    if options.allocation != "error" and len(rotations) == 1:
+        return LayerCalibration(rotations)
+    curves = {site: [] for site in SITES}
+    readers = {"h1": [linear.weight.detach().double().cpu() for linear in layer_adapter.qkv],
+               "h3": [linear.weight.detach().double().cpu() for linear in layer_adapter.gate_up]}
+    if options.scaling:  # as `fold_scales` leaves them: v_proj and up_proj rows scaled first
+        (_, o_proj, value_scale, o_scale), (_, down, down_scale, _) = _producer_scales(layer_adapter)
+        readers["h1"][2] = readers["h1"][2] * value_scale.cpu()[:, None]
+        readers["h3"][1] = readers["h3"][1] * down_scale.cpu()[:, None]
+        consumers = {"h2": (o_proj, o_scale), "h4": (down, down_scale)}
+    else:
+        consumers = {"h2": (layer_adapter.o_proj, None), "h4": (layer_adapter.down_proj, None)}
+    for site, norm in (("h1", layer_adapter.attn_input_norm), ("h3", layer_adapter.mlp_input_norm)):
+        scale = layer_adapter.norm_scale(norm).double().cpu()
+        for rotation in rotations:
+            weights = [fold_input(weight, scale, rotation) for weight in readers[site]]
+            inputs = rows[site] if rotation is None else rows[site] @ rotation
+            curves[site].append(_scaled_curve(inputs, weights, options.scaling))
+    for site, (linear, scale) in consumers.items():
+        weight, inputs = linear.weight.detach().double().cpu(), rows[site]
+        if scale is not None:
+            weight, inputs = scale_input(weight, scale.cpu()), inputs * scale.cpu()
+        curves[site].append(topk_error_curve(inputs, weight))
+    return LayerCalibration(rotations, curves)
+
+
+def _scaled_curve(inputs: torch.Tensor, weights: list[torch.Tensor], scaling: bool) -> torch.Tensor:
+    """Error curve of Top-K on `inputs` (n, d) feeding `weights`, with or without the WINA scale."""
+    if scaling:
+        scale = column_scale(weights)
+        inputs = inputs * scale
+        weights = [scale_input(w, scale) for w in weights]
+    return topk_error_curve(inputs, torch.cat(weights))
+
+
+def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
+    attn = layer_adapter.layer.self_attn
+    head_dim = attn.head_dim
+    return attn.q_proj.out_features // head_dim, attn.v_proj.out_features // head_dim
+
+
+# plan --------------------------------------------------------------------------------------------
+
+def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients) -> tuple[list[int], tuple]:
+    """Per layer, the candidate rotation index; and K per site per layer."""
+    uniform = allocate_keep_k(site_sizes, sparsity, coefficients)
+    layers = calibration.layers
+    choice = [0] * len(layers)
+    if len(layers[0].rotations) > 1:
+        choice = [min(range(len(layer.rotations)),
+                      key=lambda r: float(layer.curves["h1"][r][k[0]] + layer.curves["h3"][r][k[2]]))
+                  for layer, k in zip(layers, uniform)]
+    if calibration.options.allocation != "error":
+        return choice, uniform
+    curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
+              for i, layer in enumerate(layers)]
+    return choice, allocate_by_error(curves, site_sizes, sparsity)
+
+
+def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes, sparsity: float) -> tuple[tuple[int, ...], ...]:
+    """K per site per layer minimising sum of curves[l][s][K] with parameter-weighted sparsity >= `sparsity`.
+
+    Lagrangian: for a price lam per kept parameter, each site independently takes argmin_K e(K) + lam * K *
+    params/width; lam is bisected to the budget, then columns are given back greedily while they fit.
+    """
+    if sparsity == 0:
+        return tuple(tuple(width for width, _ in layer) for layer in site_sizes)
+    flat = [(curve, width, params / width) for layer_curves, layer in zip(curves, site_sizes)
+            for curve, (width, params) in zip(layer_curves, layer)]
+    total = sum(params for layer in site_sizes for _, params in layer)
+    budget = (1.0 - sparsity) * total
+
+    def pick(lam: float) -> list[int]:
+        return [int(torch.argmin(curve + lam * per_column * torch.arange(width + 1, dtype=torch.float64)))
+                for curve, width, per_column in flat]
+
+    def kept(keep: list[int]) -> float:
+        return sum(k * per_column for k, (_, _, per_column) in zip(keep, flat))
+
+    low, high = 0.0, 1.0
+    while kept(pick(high)) > budget:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(pick(middle)) > budget else (low, middle)
+    keep = pick(high)
+    used = kept(keep)
+    while True:
+        gains = [(float(curve[k] - curve[k + 1]) / per_column, index)
+                 for index, (k, (curve, width, per_column)) in enumerate(zip(keep, flat))
+                 if k < width and used + per_column <= budget]
+        if not gains:
+            break
+        _, index = max(gains)
+        keep[index] += 1
+        used += flat[index][2]
+    iterator = iter(keep)
+    return tuple(tuple(next(iterator) for _ in layer) for layer in site_sizes)
+
+
+# weight surgery ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_rotations(adapter: ModelAdapter, rotations: list[torch.Tensor | None]) -> None:
+    """Fold per-layer rotations Q_l (d, d; None = identity) and the pre-norm scales into the weights.
+
+    Embeddings -> E Q_0; q/k/v and gate/up -> W diag(g) Q_l; o_proj/down_proj outputs -> Q_l^T W (or, after
+    a post-norm, an output rotation on that norm); adapters Q_l^T Q_{l+1} between layers whose bases
+    differ; lm_head -> W Q_last (diag(g_final) folded only when rotated). Exact; float64, cast back once.
+    """
+    layer_adapters = adapter.layer_adapters()
+    if len(rotations) != len(layer_adapters):
+        raise ValueError(f"{len(rotations)} rotations for {len(layer_adapters)} layers")
+    with materialized(adapter.embed_tokens, adapter.lm_head):  # offloaded (accelerate) modules: one at a time
+        if rotations[0] is not None or rotations[-1] is not None:
+            adapter.untie_embeddings()
+        embed = adapter.embed_tokens
+        if rotations[0] is not None:
+            embed.weight.copy_(rotate_embedding(embed.weight, rotations[0].to(embed.weight.device)))
+    identity = torch.eye(adapter.hidden_size, dtype=torch.float64)
+    for index, (layer_adapter, rotation) in enumerate(zip(layer_adapters, rotations)):
+        with materialized(layer_adapter.layer):
+            _fold_layer(layer_adapter, rotation)
+            following = rotations[index + 1] if index + 1 < len(rotations) else None
+            if index + 1 < len(rotations) and (rotation is not None or following is not None):
+                weight = layer_adapter.attn_input_norm.weight
+                matrix = residual_adapter(identity if rotation is None else rotation,
+                                          identity if following is None else following)
+                attach_output_rotation(layer_adapter.layer, matrix.to(device=weight.device, dtype=weight.dtype))
+    if rotations[-1] is not None:
+        head, final_norm = adapter.lm_head, adapter.final_norm
+        with materialized(head, final_norm):
+            scale = adapter.layer_adapter_class.norm_scale(final_norm)
+            head.weight.copy_(fold_input(head.weight, scale, rotations[-1].to(head.weight.device)))
+            adapter.layer_adapter_class.set_unit_norm(final_norm)
+
+
+def _fold_layer(layer_adapter: LayerAdapter, rotation: torch.Tensor | None) -> None:
+    for norm, linears in ((layer_adapter.attn_input_norm, layer_adapter.qkv),
+                          (layer_adapter.mlp_input_norm, layer_adapter.gate_up)):
+        scale = layer_adapter.norm_scale(norm)
+        for linear in linears:
+            linear.weight.copy_(fold_input(linear.weight, scale.to(linear.weight.device),
+                                           None if rotation is None else rotation.to(linear.weight.device)))
+        layer_adapter.set_unit_norm(norm)
+    if rotation is None:
+        return
+    for output_norm, linear in ((layer_adapter.attn_output_norm, layer_adapter.o_proj),
+                                (layer_adapter.mlp_output_norm, layer_adapter.down_proj)):
+        if output_norm is None:
+            weight, bias = rotate_output(linear.weight, linear.bias, rotation.to(linear.weight.device))
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        else:
+            weight = output_norm.weight
+            attach_output_rotation(output_norm, rotation.to(device=weight.device, dtype=weight.dtype))
+
+
+@torch.no_grad()
+def fold_scales(layer_adapter: LayerAdapter) -> None:
+    """Fold WINA scales into one layer whose pre-norms are unit (after `fold_rotations`); exact.
+
+    First h2/h4: v_proj rows (and bias) *= c, o_proj columns /= c (c shared within GQA groups); up_proj
+    rows *= c, down_proj columns /= c. Then h1/h3, from the readers as they now are: pre-norm scale := c,
+    q/k/v and gate/up W := W diag(1/c).
+    """
+    for producer, consumer, output_scale, input_scale in _producer_scales(layer_adapter):
+        weight, bias = scale_output(producer.weight, producer.bias, output_scale)
+        producer.weight.copy_(weight)
+        if bias is not None:
+            producer.bias.copy_(bias)
+        consumer.weight.copy_(scale_input(consumer.weight, input_scale))
+    for norm, linears in ((layer_adapter.attn_input_norm, layer_adapter.qkv),
+                          (layer_adapter.mlp_input_norm, layer_adapter.gate_up)):
+        scale = column_scale([linear.weight for linear in linears])
+        for linear in linears:
+            linear.weight.copy_(scale_input(linear.weight, scale))
+        unit = layer_adapter.norm_scale(norm).double()  # unit norm: 1 in the family's convention
+        norm.weight.copy_(norm.weight.double() + scale.to(norm.weight.device) - unit)
+
+
+def _producer_scales(layer_adapter: LayerAdapter):
+    """(producer, consumer, producer row scale, consumer column scale) for h2 (v_proj -> o_proj) and
+    h4 (up_proj -> down_proj): the consumer's column norms, shared within GQA groups for h2."""
+    heads, kv_heads = _attention_heads(layer_adapter)
+    value_scale = grouped_head_scale(column_scale([layer_adapter.o_proj.weight.detach()]), heads, kv_heads)
+    down_scale = column_scale([layer_adapter.down_proj.weight.detach()])
+    return ((layer_adapter.layer.self_attn.v_proj, layer_adapter.o_proj, value_scale,
+             expand_head_scale(value_scale, heads, kv_heads)),
+            (layer_adapter.layer.mlp.up_proj, layer_adapter.down_proj, down_scale, down_scale))
+
+
+def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes):
+    """Fold the calibrated choices for `config.sparsity` into the weights; returns (keep_k, rotated, choice)."""
+    coefficients = config.coefficients
+    choice, keep_k = choose(calibration, site_sizes, config.sparsity, coefficients)
+    if config.site_coefficients is not None and calibration.options.allocation == "error":
+        keep_k = allocate_keep_k(site_sizes, config.sparsity, coefficients)
+    rotations = [layer.rotations[index] for layer, index in zip(calibration.layers, choice)]
+    fold_rotations(adapter, rotations)
+    if calibration.options.scaling:
+        for layer_adapter in adapter.layer_adapters():
+            with materialized(layer_adapter.layer):
+                fold_scales(layer_adapter)
+    return keep_k, any(rotation is not None for rotation in rotations), choice

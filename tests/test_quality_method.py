@@ -1,0 +1,137 @@
+"""Mathematical facts of the ``auto`` method: exact folding of scales and rotations, error curves, budget."""
+
+import pytest
+import torch
+
+import rotsparse
+from rotsparse.adapters import get_adapter
+from rotsparse.api import calibrate, site_sizes_for
+from rotsparse.config import SITES, SparsifyConfig
+from rotsparse.methods import AutoOptions, allocate_by_error, fold_rotations, fold_scales
+from rotsparse.rotation import column_scale, expand_head_scale, grouped_head_scale, topk_error_curve
+from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
+
+from tiny_models import FAMILIES, random_tokens, tiny_model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_scaled",), ("identity", "pca")])
+def test_auto_folding_is_exact_at_sparsity_zero(family, rotations):
+    """Scales and every kind of rotation (forced, so folding is really exercised) leave the function unchanged."""
+    model = tiny_model(family, num_layers=3)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False).restricted(AutoOptions(rotations=rotations))
+    if len(rotations) == 1 and rotations[0] != "identity":
+        assert all(layer.rotations[0] is not None for layer in calibrated.layers)
+    rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    assert model.rotsparse_plan.effective_sparsity == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scales_change_the_weights_and_select_by_weighted_magnitude(family):
+    model = tiny_model(family)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    adapter = get_adapter(model)
+    layer = adapter.layer_adapters()[0]
+    qkv_before = torch.cat([linear.weight.detach().clone() for linear in layer.qkv])
+    fold_rotations(adapter, [None] * len(adapter.layers))
+    wina = column_scale([linear.weight for linear in layer.qkv])  # before scaling: not unit
+    assert relative_error(wina, torch.ones_like(wina)) > 0.1
+    for layer_adapter in adapter.layer_adapters():
+        fold_scales(layer_adapter)
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    qkv_after = torch.cat([linear.weight.detach() for linear in layer.qkv])
+    assert relative_error(qkv_after, qkv_before) > 0.1
+    # the folded readers have unit columns and the norm now multiplies by the WINA scale
+    assert torch.allclose(column_scale([linear.weight for linear in layer.qkv]), torch.ones_like(wina), atol=1e-5)
+    assert relative_error(layer.norm_scale(layer.attn_input_norm).double(), torch.ones_like(wina)) > 0.1
+    assert not any(hasattr(m, ROTATION_BUFFER) for m in model.modules()), "identity needs no adapters"
+
+
+def test_head_scales_are_shared_within_groups():
+    scale = torch.rand(4 * 3, dtype=torch.float64) + 0.1  # 4 heads of dim 3, 2 kv heads
+    shared = grouped_head_scale(scale, 4, 2)
+    assert shared.shape == (6,)
+    assert torch.allclose(shared[:3], scale.view(4, 3)[:2].pow(2).mean(0).sqrt())
+    expanded = expand_head_scale(shared, 4, 2)
+    assert torch.equal(expanded.view(4, 3)[0], expanded.view(4, 3)[1])
+    assert torch.equal(expanded.view(4, 3)[2], shared[3:])
+
+
+def test_error_curve_matches_brute_force_topk():
+    torch.manual_seed(0)
+    inputs = torch.randn(10, 8, dtype=torch.float64)
+    weight = torch.randn(5, 8, dtype=torch.float64)
+    dense = (inputs @ weight.T).pow(2).sum()
+    brute = torch.stack([((inputs - keep_topk(inputs, k)) @ weight.T).pow(2).sum() / dense for k in range(9)])
+    exact = topk_error_curve(inputs, weight, points=8, chunk_elements=100)
+    assert torch.allclose(exact, brute, rtol=1e-5, atol=1e-6)
+    coarse = topk_error_curve(inputs, weight, points=4)
+    assert torch.allclose(coarse[::2], brute[::2], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(coarse[1::2], (brute[:-1:2] + brute[2::2])[: 4] / 2, rtol=1e-5, atol=1e-6)
+    assert exact[0] == 1.0 and exact[-1] == 0.0
+
+
+def test_error_allocation_meets_the_budget_and_follows_the_errors():
+    sizes = ((100, 10000), (50, 5000), (100, 20000), (200, 20000))
+    keep = torch.arange(101, dtype=torch.float64)
+    cheap = (1 - keep / 100).pow(4)  # a site that loses little when sparse
+    costly = 1 - keep / 100
+    curves = [[costly, (1 - torch.arange(51.0, dtype=torch.float64) / 50), cheap,
+               (1 - torch.arange(201.0, dtype=torch.float64) / 200)]] * 2
+    keep_k = allocate_by_error(curves, [sizes] * 2, 0.5)
+    total = 2 * sum(p for _, p in sizes)
+    kept = sum(k * p / w for layer in keep_k for k, (w, p) in zip(layer, sizes))
+    assert 0.5 <= 1 - kept / total <= 0.5 + max(p / w for w, p in sizes) / total
+    assert keep_k[0][2] < keep_k[0][0], "the site with the cheaper error curve must be sparser"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.6])
+def test_auto_is_the_default_and_hits_the_requested_sparsity(family, sparsity):
+    model = tiny_model(family, num_layers=3)
+    rotsparse.sparsify(model, sparsity=sparsity, calibration=random_tokens(seed=7), progress=False)
+    plan = model.rotsparse_plan
+    assert plan.config.method == "auto"
+    total = sum(params for layer in plan.site_sizes for _, params in layer)
+    one_column_per_site = sum(params / width for layer in plan.site_sizes for width, params in layer) / total
+    assert sparsity <= plan.effective_sparsity <= sparsity + one_column_per_site
+    sites = {m.site for m in model.modules() if isinstance(m, TopKLinear)}
+    assert sites == set(SITES)
+
+
+def test_explicit_coefficients_override_the_error_allocation():
+    model = tiny_model("llama", num_layers=2)
+    rotsparse.sparsify(model, sparsity=0.5, site_coefficients=(1, 1, 1, 1), calibration=random_tokens(seed=7),
+                       progress=False)
+    widths = [[w for w, _ in layer] for layer in model.rotsparse_plan.site_sizes]
+    assert model.rotsparse_plan.keep_k == tuple(tuple(w // 2 for w in layer) for layer in widths)
+
+
+def test_one_calibration_serves_every_sparsity():
+    model = tiny_model("qwen2")
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False)
+    first = rotsparse.sparsify(tiny_model("qwen2"), sparsity=0.4, error_tokens=64, calibrated=calibrated,
+                               progress=False)
+    second = rotsparse.sparsify(tiny_model("qwen2"), sparsity=0.4, calibration=random_tokens(seed=7),
+                                error_tokens=64, progress=False)
+    assert first.rotsparse_plan == second.rotsparse_plan
+    tokens = random_tokens()
+    assert torch.allclose(logits(first, tokens), logits(second, tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="calibrated for method"):
+        rotsparse.sparsify(tiny_model("qwen2"), sparsity=0.4, method="larosa", calibrated=calibrated)
+    assert site_sizes_for(get_adapter(model)) == first.rotsparse_plan.site_sizes
