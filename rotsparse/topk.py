@@ -117,11 +117,11 @@ class TopKLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep_k: int, site: str) -> "TopKLinear":
-        """A TopKLinear holding (a re-laid-out copy of) `linear`'s parameters."""
+        """A TopKLinear holding (a re-laid-out copy of) `linear`'s parameters, in `linear`'s train/eval mode."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, keep_k, site, device="meta")
         module.weight = nn.Parameter(to_input_major(linear.weight), requires_grad=linear.weight.requires_grad)
         module.bias = linear.bias
-        return module
+        return module.train(linear.training)
 
     def _is_decode_step(self, x: torch.Tensor) -> bool:
         return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features

@@ -71,10 +71,17 @@ def test_kv_cache_decoding_equals_full_forward(family, kernels):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_kernel_and_masked_paths_generate_the_same_tokens(family):
+def test_kernel_and_masked_paths_generate_the_same_tokens(family, monkeypatch):
     model = sparsified(family)
+    assert not any(module.training for module in model.modules()), "sparsify must keep the model in eval mode"
+    import rotsparse.kernels
+
+    calls = []
+    kernel = rotsparse.kernels.topk_gemv
+    monkeypatch.setattr(rotsparse.kernels, "topk_gemv", lambda *args: calls.append(1) or kernel(*args))
     prompt = random_tokens(num_sequences=1, length=10, seed=11)
     with_kernels = greedy(model, prompt, steps=12).sequences
+    assert len(calls) >= 11 * 7 * 2, "decode steps must go through the sparse kernel"
     rotsparse.set_kernels(model, False)
     without = greedy(model, prompt, steps=12).sequences
     assert torch.equal(with_kernels, without)
