@@ -54,7 +54,8 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
         keep_k, rotated, _ = methods.apply(adapter, calibrated, config, site_sizes)
     else:
         keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
-    plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
+    plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config,
+                        calibration_tokens=calibrated.tokens if calibrated is not None else 0)
     install_topk(adapter, plan)
     attach_plan(model, plan)
     logger.info("rotsparse: method=%s requested sparsity=%.4f effective sparsity=%.4f",

@@ -65,6 +65,7 @@ def test_eval_numbers_equal_the_python_api(tiny_dir, text_files, capsys, method)
     assert record["eval_tokens"] == sparse.tokens
     assert record["method"] == method and record["sparsity"] == 0.4
     assert record["calibration_tokens"] == model.rotsparse_plan.calibration_tokens
+    assert record["calibration_tokens"] == (0 if method == "topk" else 2 * 128)
 
 
 def test_sparsify_writes_a_loadable_directory_that_eval_accepts(tiny_dir, text_files, tmp_path, capsys):
