@@ -8,7 +8,6 @@ dataset name such as ``wikitext2``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -148,8 +147,7 @@ def _print_record(record: dict, as_json: bool) -> None:
 
 def run_command(args) -> dict:
     """The main job: calibrate, sparsify, perplexity gap on held-out text, decode speed-up — one run."""
-    from .api import sparsify
-    from .bench import benchmark_decode
+    from .bench import benchmark_decode, sparse_copy
     from .data import load_texts
     from .evaluation import perplexity
     from .models import load_model
@@ -158,7 +156,7 @@ def run_command(args) -> dict:
     dense, tokenizer = load_model(args.model)
     texts = load_texts("embedded", part="evaluation")
     dense_ppl = perplexity(dense, tokenizer, texts, max_tokens=args.max_tokens)
-    sparse = sparsify(copy.deepcopy(dense), tokenizer, sparsity=args.sparsity)
+    sparse = sparse_copy(dense, {"tokenizer": tokenizer, "sparsity": args.sparsity})
     sparse_ppl = perplexity(sparse, tokenizer, texts, max_tokens=args.max_tokens)
     speed = benchmark_decode(dense, sparse, tokens=args.bench_tokens, repeats=3)
     plan = sparse.rotsparse_plan
