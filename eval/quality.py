@@ -40,11 +40,15 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "larosa": ("larosa", None, None),
     "larosa-uniform": ("larosa", None, (1.0, 1.0, 1.0, 1.0)),
     "auto": ("auto", AutoOptions(), None),
+    "alloc": ("auto", AutoOptions(rotations=("identity",), scaling=False), None),
     "wina": ("auto", AutoOptions(rotations=("identity",), allocation="uniform"), None),
     "wina+rot": ("auto", AutoOptions(allocation="uniform"), None),
     "wina+alloc": ("auto", AutoOptions(rotations=("identity",)), None),
     "wina+rot+larosa-coef": ("auto", AutoOptions(allocation="uniform"), LAROSA_COEFFICIENTS),
     "auto-pca-only": ("auto", AutoOptions(rotations=("identity", "pca")), None),
+    "auto-unweighted": ("auto", AutoOptions(loss_weighted=False), None),
+    "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False), None),
+    "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False), None),
 }
 
 
@@ -115,10 +119,12 @@ def main(argv=None) -> None:
                                          error_tokens=args.error_tokens, site_coefficients=coefficients)
             calibrated = None
             if method != "topk":
-                key = (method, options.scaling if options else None)
+                full = None if options is None else AutoOptions(scaling=options.scaling,
+                                                                 loss_weighted=options.loss_weighted)
+                key = (method, full)
                 if key not in calibrations:
                     calibrations[key] = calibrate(dense, calibration=calibration_ids, config=base_config,
-                                                  progress=False)
+                                                  options=full, progress=False)
                 calibrated = calibrations[key]
                 if options is not None:
                     calibrated = calibrated.restricted(options)

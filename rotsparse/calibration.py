@@ -200,3 +200,70 @@ def collect_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: torch
         step.outputs = outputs
         statistics.append(LayerStatistics(moments["attn"].mean, moments["mlp"].mean, moments["attn"].tokens))
     return statistics
+
+
+def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, progress: bool = True,
+                  window: int = 1024) -> list[dict[str, list[torch.Tensor]]]:
+    """Per layer and site, for each linear reading the site (`LayerAdapter.site_linears` order), the mean
+    squared gradient of the next-token loss w.r.t. each of its outputs (out,) float64: the diagonal
+    empirical Fisher that turns an output error e into a loss increase of about sum(fisher * e^2) / 2.
+
+    One forward and backward of the whole model per `window` tokens of each calibration sequence (n, seq);
+    no parameter gradients are kept. The model must fit on its device (not for accelerate-offloaded models).
+    """
+    layer_adapters = adapter.layer_adapters()
+    linears = [{site: [getattr(parent, name) for parent, name in pairs]
+                for site, pairs in layer_adapter.site_linears().items()} for layer_adapter in layer_adapters]
+    sums = [{site: [None] * len(modules) for site, modules in layer.items()} for layer in linears]
+    current_mask: list[torch.Tensor] = []
+
+    def make_hook(layer_index: int, site: str, position: int):
+        def accumulate(grad):
+            squares = grad.detach()[current_mask[0]].double().pow(2).sum(0).cpu()
+            entry = sums[layer_index][site]
+            entry[position] = squares if entry[position] is None else entry[position] + squares
+
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(accumulate)
+
+        return hook
+
+    def embedding_hook(module, args, output):
+        return output.detach().requires_grad_()
+
+    handles = [adapter.embed_tokens.register_forward_hook(embedding_hook)]
+    for layer_index, layer in enumerate(linears):
+        for site, modules in layer.items():
+            handles += [module.register_forward_hook(make_hook(layer_index, site, position))
+                        for position, module in enumerate(modules)]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    tokens = 0
+    device = execution_device(adapter.embed_tokens)
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        pieces = [(row, start) for row in range(input_ids.shape[0]) for start in range(0, input_ids.shape[1], window)]
+        with torch.enable_grad():
+            for row, start in tqdm(pieces, desc="loss sensitivity", disable=not progress):
+                ids = input_ids[row : row + 1, start : start + window].to(device)
+                mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
+                        else attention_mask[row : row + 1, start : start + window].to(device).bool())
+                if ids.shape[1] < 2 or mask[:, 1:].sum() == 0:
+                    continue
+                current_mask[:] = [mask]
+                logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=-100, reduction="sum")
+                loss.backward()
+                tokens += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    if tokens == 0:
+        raise ValueError("calibration sequences are too short to measure loss sensitivity (need >= 2 tokens)")
+    return [{site: [entry / tokens for entry in entries] for site, entries in layer.items()} for layer in sums]

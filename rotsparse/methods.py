@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, ModelAdapter
-from .calibration import SecondMoment, layerwise, normalized_rows
+from .calibration import SecondMoment, layerwise, normalized_rows, output_fisher
 from .config import SITES, SparsifyConfig
 from .offload import materialized
 from .rotation import (
@@ -56,11 +56,14 @@ class AutoOptions:
     rotations: candidate residual bases per layer, from "identity", "pca" (normalised attention input),
         "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
     allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
+    loss_weighted: weigh every linear output by its loss sensitivity (`output_fisher`), in the WINA scales
+        and in the errors, which are then absolute (comparable across sites and layers); else relative.
     """
 
     rotations: tuple[str, ...] = ("identity", "pca", "pca_scaled")
     scaling: bool = True
     allocation: str = "error"
+    loss_weighted: bool = True
 
 
 @dataclass
@@ -68,12 +71,15 @@ class LayerCalibration:
     """Sparsity-independent results for one decoder layer.
 
     rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order.
-    curves[site]: relative Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one
-        curve per candidate rotation, for h2 and h4 one curve.
+    curves[site]: Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one curve per
+        candidate rotation, for h2 and h4 one curve.
+    scales[site]: WINA scales to fold (`fold_scales`): h1/h3 one (d,) per candidate rotation, h2 one per
+        value channel, h4 one per down_proj input; empty without scaling.
     """
 
     rotations: list[torch.Tensor | None]
     curves: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    scales: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,12 +96,15 @@ class Calibration:
 
     def restricted(self, options: AutoOptions) -> Calibration:
         """The same measurements seen with fewer rotation candidates or another allocation (ablations)."""
-        if options.scaling != self.options.scaling or not set(options.rotations) <= set(self.options.rotations):
+        if (options.scaling != self.options.scaling or options.loss_weighted != self.options.loss_weighted
+                or not set(options.rotations) <= set(self.options.rotations)):
             raise ValueError(f"{options} is not a restriction of {self.options}")
         keep = [self.options.rotations.index(name) for name in options.rotations]
-        layers = [LayerCalibration([layer.rotations[i] for i in keep],
-                                   {site: [curves[i] for i in keep] if site in ("h1", "h3") else curves
-                                    for site, curves in layer.curves.items()})
+        def pick(per_site: dict) -> dict:
+            return {site: [values[i] for i in keep] if site in ("h1", "h3") else values
+                    for site, values in per_site.items()}
+
+        layers = [LayerCalibration([layer.rotations[i] for i in keep], pick(layer.curves), pick(layer.scales))
                   for layer in self.layers]
         return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
 
@@ -159,9 +168,12 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         raise ValueError(f"method {config.method!r} needs no calibration")
     options = options or AutoOptions()
     if config.method == "larosa":
-        options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform")
+        options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False)
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
+    fisher = None
+    if options.loss_weighted:
+        fisher = output_fisher(model, adapter, input_ids, attention_mask, progress)
     positions = None
     for step in layerwise(model, adapter, input_ids, attention_mask, progress):
         if positions is None:
@@ -181,7 +193,8 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         tokens = moments["h1"].tokens
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
-        layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options))
+        layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options,
+                                       None if fisher is None else fisher[step.index]))
         error_seconds += time.perf_counter() - error_start
     return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
 
@@ -198,42 +211,51 @@ def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor) -
 
 @torch.no_grad()
 def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
-                     options: AutoOptions) -> LayerCalibration:
+                     options: AutoOptions, fisher: dict[str, list[torch.Tensor]] | None) -> LayerCalibration:
+    """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
+
+    With `fisher` (loss-weighted), every reader's output rows are weighted by sqrt(fisher) before
+    measuring column norms and errors, and errors are absolute; otherwise relative.
+    """
     attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
     rotations = [_candidate(name, attn_moment, attn_scale) for name in options.rotations]
-    if options.allocation != "error" and len(rotations) == 1:
+    if options.allocation != "error" and len(rotations) == 1 and not options.scaling:
         return LayerCalibration(rotations)
+    relative = fisher is None
+    weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
+               for site, linears in (("h1", layer_adapter.qkv), ("h2", [layer_adapter.o_proj]),
+                                     ("h3", layer_adapter.gate_up), ("h4", [layer_adapter.down_proj]))}
+    if fisher is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
+        weights = {site: [fisher[site][i].sqrt()[:, None] * weight for i, weight in enumerate(site_weights)]
+                   for site, site_weights in weights.items()}
     curves = {site: [] for site in SITES}
-    readers = {"h1": [linear.weight.detach().double().cpu() for linear in layer_adapter.qkv],
-               "h3": [linear.weight.detach().double().cpu() for linear in layer_adapter.gate_up]}
-    if options.scaling:  # as `fold_scales` leaves them: v_proj and up_proj rows scaled first
-        (_, o_proj, value_scale, o_scale), (_, down, down_scale, _) = _producer_scales(layer_adapter)
-        readers["h1"][2] = readers["h1"][2] * value_scale.cpu()[:, None]
-        readers["h3"][1] = readers["h3"][1] * down_scale.cpu()[:, None]
-        consumers = {"h2": (o_proj, o_scale), "h4": (down, down_scale)}
-    else:
-        consumers = {"h2": (layer_adapter.o_proj, None), "h4": (layer_adapter.down_proj, None)}
+    scales = {site: [] for site in SITES} if options.scaling else {}
+    for site, producer_site, producer_index in (("h2", "h1", 2), ("h4", "h3", 1)):
+        weight, inputs = weights[site][0], rows[site]
+        if options.scaling:
+            scale = column_scale([weight])
+            if site == "h2":
+                heads, kv_heads = _attention_heads(layer_adapter)
+                scales[site].append(grouped_head_scale(scale, heads, kv_heads))
+                scale = expand_head_scale(scales[site][0], heads, kv_heads)
+            else:
+                scales[site].append(scale)
+            weight, inputs = scale_input(weight, scale), inputs * scale
+            if fisher is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
+                readers = weights[producer_site]
+                readers[producer_index] = readers[producer_index] * scales[site][0][:, None]
+        curves[site].append(topk_error_curve(inputs, weight, relative=relative))
     for site, norm in (("h1", layer_adapter.attn_input_norm), ("h3", layer_adapter.mlp_input_norm)):
-        scale = layer_adapter.norm_scale(norm).double().cpu()
+        norm_scale = layer_adapter.norm_scale(norm).double().cpu()
         for rotation in rotations:
-            weights = [fold_input(weight, scale, rotation) for weight in readers[site]]
+            readers = [fold_input(weight, norm_scale, rotation) for weight in weights[site]]
             inputs = rows[site] if rotation is None else rows[site] @ rotation
-            curves[site].append(_scaled_curve(inputs, weights, options.scaling))
-    for site, (linear, scale) in consumers.items():
-        weight, inputs = linear.weight.detach().double().cpu(), rows[site]
-        if scale is not None:
-            weight, inputs = scale_input(weight, scale.cpu()), inputs * scale.cpu()
-        curves[site].append(topk_error_curve(inputs, weight))
-    return LayerCalibration(rotations, curves)
-
-
-def _scaled_curve(inputs: torch.Tensor, weights: list[torch.Tensor], scaling: bool) -> torch.Tensor:
-    """Error curve of Top-K on `inputs` (n, d) feeding `weights`, with or without the WINA scale."""
-    if scaling:
-        scale = column_scale(weights)
-        inputs = inputs * scale
-        weights = [scale_input(w, scale) for w in weights]
-    return topk_error_curve(inputs, torch.cat(weights))
+            if options.scaling:
+                scale = column_scale(readers)
+                scales[site].append(scale)
+                inputs, readers = inputs * scale, [scale_input(w, scale) for w in readers]
+            curves[site].append(topk_error_curve(inputs, torch.cat(readers), relative=relative))
+    return LayerCalibration(rotations, curves, scales)
 
 
 def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
@@ -244,20 +266,27 @@ def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
 
 # plan --------------------------------------------------------------------------------------------
 
-def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients) -> tuple[list[int], tuple]:
-    """Per layer, the candidate rotation index; and K per site per layer."""
-    uniform = allocate_keep_k(site_sizes, sparsity, coefficients)
+def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
+           rounds: int = 3) -> tuple[list[int], tuple]:
+    """Per layer, the candidate rotation index; and K per site per layer.
+
+    The rotation with the smallest h1 + h3 error at the current K wins; with error allocation, K is then
+    re-allocated for the chosen rotations, and the two steps repeat (at most `rounds` times) until stable.
+    """
+    keep_k = allocate_keep_k(site_sizes, sparsity, coefficients)
     layers = calibration.layers
     choice = [0] * len(layers)
-    if len(layers[0].rotations) > 1:
+    for round_index in range(rounds):
+        previous = choice
         choice = [min(range(len(layer.rotations)),
                       key=lambda r: float(layer.curves["h1"][r][k[0]] + layer.curves["h3"][r][k[2]]))
-                  for layer, k in zip(layers, uniform)]
-    if calibration.options.allocation != "error":
-        return choice, uniform
-    curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
-              for i, layer in enumerate(layers)]
-    return choice, allocate_by_error(curves, site_sizes, sparsity)
+                  if len(layer.rotations) > 1 else 0 for layer, k in zip(layers, keep_k)]
+        if calibration.options.allocation != "error" or (round_index > 0 and choice == previous):
+            break
+        curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
+                  for i, layer in enumerate(layers)]
+        keep_k = allocate_by_error(curves, site_sizes, sparsity)
+    return choice, keep_k
 
 
 def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes, sparsity: float) -> tuple[tuple[int, ...], ...]:
@@ -361,37 +390,37 @@ def _fold_layer(layer_adapter: LayerAdapter, rotation: torch.Tensor | None) -> N
 
 
 @torch.no_grad()
-def fold_scales(layer_adapter: LayerAdapter) -> None:
-    """Fold WINA scales into one layer whose pre-norms are unit (after `fold_rotations`); exact.
+def fold_scales(layer_adapter: LayerAdapter, scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold WINA scales into one layer whose pre-norms are unit (after `fold_rotations`); exact for any scales.
 
-    First h2/h4: v_proj rows (and bias) *= c, o_proj columns /= c (c shared within GQA groups); up_proj
-    rows *= c, down_proj columns /= c. Then h1/h3, from the readers as they now are: pre-norm scale := c,
-    q/k/v and gate/up W := W diag(1/c).
+    scales: h1/h3 (d,), h2 (num_kv_heads * head_dim,), h4 (intermediate,), as `_calibrate_layer` measured
+    them; None measures plain column norms here. First h2/h4: v_proj rows (and bias) *= c, o_proj columns
+    /= c (c shared within GQA groups); up_proj rows *= c, down_proj columns /= c. Then h1/h3: pre-norm
+    scale := c, q/k/v and gate/up W := W diag(1/c).
     """
-    for producer, consumer, output_scale, input_scale in _producer_scales(layer_adapter):
-        weight, bias = scale_output(producer.weight, producer.bias, output_scale)
+    heads, kv_heads = _attention_heads(layer_adapter)
+    if scales is None:
+        scales = {"h2": grouped_head_scale(column_scale([layer_adapter.o_proj.weight]), heads, kv_heads),
+                  "h4": column_scale([layer_adapter.down_proj.weight])}
+    for producer, consumer, output_scale, input_scale in (
+            (layer_adapter.layer.self_attn.v_proj, layer_adapter.o_proj, scales["h2"],
+             expand_head_scale(scales["h2"], heads, kv_heads)),
+            (layer_adapter.layer.mlp.up_proj, layer_adapter.down_proj, scales["h4"], scales["h4"])):
+        device = producer.weight.device
+        weight, bias = scale_output(producer.weight, producer.bias, output_scale.to(device))
         producer.weight.copy_(weight)
         if bias is not None:
             producer.bias.copy_(bias)
-        consumer.weight.copy_(scale_input(consumer.weight, input_scale))
-    for norm, linears in ((layer_adapter.attn_input_norm, layer_adapter.qkv),
-                          (layer_adapter.mlp_input_norm, layer_adapter.gate_up)):
-        scale = column_scale([linear.weight for linear in linears])
+        consumer.weight.copy_(scale_input(consumer.weight, input_scale.to(consumer.weight.device)))
+    for site, norm, linears in (("h1", layer_adapter.attn_input_norm, layer_adapter.qkv),
+                                ("h3", layer_adapter.mlp_input_norm, layer_adapter.gate_up)):
+        scale = scales.get(site)
+        if scale is None:
+            scale = column_scale([linear.weight for linear in linears])
         for linear in linears:
-            linear.weight.copy_(scale_input(linear.weight, scale))
+            linear.weight.copy_(scale_input(linear.weight, scale.to(linear.weight.device)))
         unit = layer_adapter.norm_scale(norm).double()  # unit norm: 1 in the family's convention
         norm.weight.copy_(norm.weight.double() + scale.to(norm.weight.device) - unit)
-
-
-def _producer_scales(layer_adapter: LayerAdapter):
-    """(producer, consumer, producer row scale, consumer column scale) for h2 (v_proj -> o_proj) and
-    h4 (up_proj -> down_proj): the consumer's column norms, shared within GQA groups for h2."""
-    heads, kv_heads = _attention_heads(layer_adapter)
-    value_scale = grouped_head_scale(column_scale([layer_adapter.o_proj.weight.detach()]), heads, kv_heads)
-    down_scale = column_scale([layer_adapter.down_proj.weight.detach()])
-    return ((layer_adapter.layer.self_attn.v_proj, layer_adapter.o_proj, value_scale,
-             expand_head_scale(value_scale, heads, kv_heads)),
-            (layer_adapter.layer.mlp.up_proj, layer_adapter.down_proj, down_scale, down_scale))
 
 
 def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes):
@@ -403,7 +432,9 @@ def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfi
     rotations = [layer.rotations[index] for layer, index in zip(calibration.layers, choice)]
     fold_rotations(adapter, rotations)
     if calibration.options.scaling:
-        for layer_adapter in adapter.layer_adapters():
+        for layer_adapter, layer, index in zip(adapter.layer_adapters(), calibration.layers, choice):
+            scales = {site: values[index] if site in ("h1", "h3") else values[0]
+                      for site, values in layer.scales.items()}
             with materialized(layer_adapter.layer):
-                fold_scales(layer_adapter)
+                fold_scales(layer_adapter, scales)
     return keep_k, any(rotation is not None for rotation in rotations), choice

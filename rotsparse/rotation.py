@@ -102,15 +102,19 @@ def expand_head_scale(value_scale: torch.Tensor, num_heads: int, num_kv_heads: i
     return per_kv.expand(num_kv_heads, num_heads // num_kv_heads, head_dim).reshape(-1)
 
 
-def topk_error_curve(inputs: torch.Tensor, weight: torch.Tensor, points: int = 32,
+def topk_error_curve(inputs: torch.Tensor, weight: torch.Tensor, points: int = 32, relative: bool = True,
                      chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """Relative output error of per-token Top-K for every K: (d + 1,), entry K = sum_t ||r_t W^T||^2 / sum_t
-    ||x_t W^T||^2, with r_t what Top-K drops from x_t.
+    """Output error of per-token Top-K for every K: (d + 1,), entry K = sum_t ||r_t W^T||^2 with r_t what
+    Top-K drops from x_t, divided by sum_t ||x_t W^T||^2 when `relative`, else by n (mean per token).
 
     inputs: (n, d) rows as the Top-K sees them; weight: (out, d), the linears reading them stacked.
     Exact at `points` + 1 evenly spaced K (entries ranked by |x| are cut into blocks, one matmul per
-    block, suffix sums over blocks), linear in between. Cost O(points * n * d * out).
+    block, suffix sums over blocks), linear in between. Cost O(points * n * d * min(d, out)): a wide
+    `weight` is first replaced by a (d, d) factor with the same Gram matrix W^T W.
     """
+    if weight.shape[0] > weight.shape[1]:
+        eigenvalues, eigenvectors = torch.linalg.eigh(weight.double().T @ weight.double())
+        weight = eigenvalues.clamp_min(0).sqrt()[:, None] * eigenvectors.T
     inputs, weight = inputs.float(), weight.float()
     width = inputs.shape[1]
     grid = torch.unique(torch.linspace(0, width, points + 1).round().long())
@@ -125,8 +129,8 @@ def topk_error_curve(inputs: torch.Tensor, weight: torch.Tensor, points: int = 3
         parts = (rows[None] * (row_blocks[None] == block_ids)) @ weight.T  # (blocks, n, out)
         dropped = parts.flip(0).cumsum(0).flip(0)  # block b: everything ranked >= grid[b]
         errors += dropped.pow(2).sum((1, 2)).double()
-    at_grid = torch.cat([errors / errors[0].clamp_min(torch.finfo(torch.float64).tiny),
-                         torch.zeros(1, dtype=torch.float64)])
+    total = errors[0].clamp_min(torch.finfo(torch.float64).tiny) if relative else max(inputs.shape[0], 1)
+    at_grid = torch.cat([errors / total, torch.zeros(1, dtype=torch.float64)])
     return _interpolate(torch.arange(width + 1, dtype=torch.float64), grid.double(), at_grid)
 
 

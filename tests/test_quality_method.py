@@ -135,3 +135,62 @@ def test_one_calibration_serves_every_sparsity():
     with pytest.raises(ValueError, match="calibrated for method"):
         rotsparse.sparsify(tiny_model("qwen2"), sparsity=0.4, method="larosa", calibrated=calibrated)
     assert site_sizes_for(get_adapter(model)) == first.rotsparse_plan.site_sizes
+
+
+def test_error_curve_of_a_wide_reader_matches_brute_force():
+    """A reader with more outputs than inputs is replaced by a square factor of its Gram matrix: same errors."""
+    torch.manual_seed(0)
+    inputs = torch.randn(12, 8, dtype=torch.float64)
+    weight = torch.randn(30, 8, dtype=torch.float64)
+    brute = torch.stack([((inputs - keep_topk(inputs, k)) @ weight.T).pow(2).sum() / len(inputs) for k in range(9)])
+    absolute = topk_error_curve(inputs, weight, points=8, relative=False)
+    assert torch.allclose(absolute, brute, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_output_fisher_is_the_mean_squared_loss_gradient_of_each_output(family):
+    """Checked against an independent route: a zero perturbation added to one linear's output, differentiated."""
+    from rotsparse.calibration import output_fisher
+
+    model = tiny_model(family)
+    tokens = random_tokens(num_sequences=2, length=16)
+    mask = torch.ones_like(tokens)
+    mask[1, 12:] = 0  # padding does not count
+    adapter = get_adapter(model)
+    fisher = output_fisher(model, adapter, tokens, mask, progress=False)
+    assert len(fisher) == len(adapter.layers)
+    assert [len(fisher[0][site]) for site in SITES] == [3, 1, 2, 1]
+    assert all(not p.requires_grad or p.requires_grad for p in model.parameters())  # flags restored
+    assert all(p.requires_grad for p in model.parameters())
+
+    linear = adapter.layer_adapters()[1].gate_up[1]
+    squares, count = torch.zeros(linear.out_features, dtype=torch.float64), 0
+    for row in range(2):
+        delta = torch.zeros(1, 16, linear.out_features, requires_grad=True)
+        handle = linear.register_forward_hook(lambda module, args, output: output + delta)
+        logits = model(tokens[row : row + 1], attention_mask=mask[row : row + 1]).logits
+        handle.remove()
+        targets = tokens[row : row + 1, 1:].masked_fill(mask[row : row + 1, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0], ignore_index=-100, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        real = mask[row].bool()
+        squares += grad[0][real].double().pow(2).sum(0)
+        count += int(real.sum())
+    assert torch.allclose(fisher[1]["h3"][1], squares / count, rtol=1e-4, atol=1e-12)
+    assert fisher[1]["h3"][1].sum() > 0
+
+
+def test_loss_weighted_calibration_folds_its_own_scales_exactly():
+    model = tiny_model("qwen2", num_layers=3)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False)
+    assert calibrated.options.loss_weighted
+    layer = calibrated.layers[0]
+    assert len(layer.scales["h1"]) == len(layer.rotations) and len(layer.scales["h2"]) == 1
+    # absolute (loss-unit) errors: decreasing to 0, not normalised to 1 at K = 0
+    curve = layer.curves["h3"][0]
+    assert curve[-1] == 0 and curve[0] > 0 and not torch.isclose(curve[0], torch.tensor(1.0, dtype=torch.float64))
+    rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
+    assert relative_error(logits(model, tokens), expected) < 1e-4
