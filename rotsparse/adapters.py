@@ -137,6 +137,12 @@ class ModelAdapter:
     def layers(self) -> nn.ModuleList:
         return self.base.layers
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab) from the last decoder layer's output (..., d), as the model computes them."""
+        logits = self.lm_head(self.final_norm(hidden))
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
     def layer_adapters(self) -> list[LayerAdapter]:
         return [self.layer_adapter_class(layer) for layer in self.layers]
 

@@ -204,66 +204,68 @@ def collect_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: torch
 
 def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, progress: bool = True,
-                  window: int = 1024) -> list[dict[str, list[torch.Tensor]]]:
+                  max_sequences: int = 4) -> list[dict[str, list[torch.Tensor]]]:
     """Per layer and site, for each linear reading the site (`LayerAdapter.site_linears` order), the mean
     squared gradient of the next-token loss w.r.t. each of its outputs (out,) float64: the diagonal
     empirical Fisher that turns an output error e into a loss increase of about sum(fisher * e^2) / 2.
 
-    One forward and backward of the whole model per `window` tokens of each calibration sequence (n, seq);
-    no parameter gradients are kept. The model must fit on its device (not for accelerate-offloaded models).
+    Layer by layer, like calibration: a forward pass keeps every layer's input hidden states for the first
+    `max_sequences` calibration sequences (n, seq), then the loss gradient is carried back one layer at a
+    time (each layer recomputed with gradients on its input only). No parameter gradients are kept.
     """
-    layer_adapters = adapter.layer_adapters()
-    linears = [{site: [getattr(parent, name) for parent, name in pairs]
-                for site, pairs in layer_adapter.site_linears().items()} for layer_adapter in layer_adapters]
-    sums = [{site: [None] * len(modules) for site, modules in layer.items()} for layer in linears]
-    current_mask: list[torch.Tensor] = []
+    input_ids = input_ids[:max_sequences]
+    attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
+    inputs, kwargs, masks = [], [], None
+    for step in layerwise(model, adapter, input_ids, attention_mask, progress=False):
+        inputs.append(list(step.hidden))  # the step's list is refilled with the next layer's inputs
+        kwargs.append(step.kwargs)
+        masks = step.token_mask
+        step.outputs = step.run()
+        last_outputs = step.outputs
+    grads, tokens = [], 0
+    with torch.enable_grad(), materialized(adapter.final_norm, adapter.lm_head, writeback=False):
+        for hidden, ids, mask in zip(last_outputs, input_ids, masks):
+            hidden = hidden.detach().requires_grad_()
+            logits = adapter.logits(hidden)
+            targets = ids[None, 1:].to(logits.device).masked_fill(~mask[:, 1:], -100)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                               ignore_index=-100, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, hidden)
+            grads.append(grad)
+            tokens += int(mask.sum())
+    fisher = [None] * len(adapter.layers)
+    for index in tqdm(reversed(range(len(adapter.layers))), total=len(adapter.layers), desc="loss sensitivity",
+                      disable=not progress):
+        layer_adapter = adapter.layer_adapter_class(adapter.layers[index])
+        linears = {site: [getattr(parent, name) for parent, name in pairs]
+                   for site, pairs in layer_adapter.site_linears().items()}
+        sums = {site: [0.0] * len(modules) for site, modules in linears.items()}
+        current_mask: list[torch.Tensor] = []
 
-    def make_hook(layer_index: int, site: str, position: int):
-        def accumulate(grad):
-            squares = grad.detach()[current_mask[0]].double().pow(2).sum(0).cpu()
-            entry = sums[layer_index][site]
-            entry[position] = squares if entry[position] is None else entry[position] + squares
+        def make_hook(site: str, position: int):
+            def accumulate(grad):
+                sums[site][position] = sums[site][position] + grad.detach()[current_mask[0]].double().pow(2).sum(0).cpu()
 
-        def hook(module, args, output):
-            if output.requires_grad:
+            def hook(module, args, output):
                 output.register_hook(accumulate)
 
-        return hook
+            return hook
 
-    def embedding_hook(module, args, output):
-        return output.detach().requires_grad_()
-
-    handles = [adapter.embed_tokens.register_forward_hook(embedding_hook)]
-    for layer_index, layer in enumerate(linears):
-        for site, modules in layer.items():
-            handles += [module.register_forward_hook(make_hook(layer_index, site, position))
-                        for position, module in enumerate(modules)]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    tokens = 0
-    device = execution_device(adapter.embed_tokens)
-    try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        pieces = [(row, start) for row in range(input_ids.shape[0]) for start in range(0, input_ids.shape[1], window)]
-        with torch.enable_grad():
-            for row, start in tqdm(pieces, desc="loss sensitivity", disable=not progress):
-                ids = input_ids[row : row + 1, start : start + window].to(device)
-                mask = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
-                        else attention_mask[row : row + 1, start : start + window].to(device).bool())
-                if ids.shape[1] < 2 or mask[:, 1:].sum() == 0:
-                    continue
-                current_mask[:] = [mask]
-                logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
-                targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                   ignore_index=-100, reduction="sum")
-                loss.backward()
-                tokens += int(mask.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-    if tokens == 0:
+        handles = [module.register_forward_hook(make_hook(site, position))
+                   for site, modules in linears.items() for position, module in enumerate(modules)]
+        try:
+            with torch.enable_grad(), materialized(layer_adapter.layer, writeback=False):
+                for row, (hidden, layer_kwargs, mask) in enumerate(zip(inputs[index], kwargs[index], masks)):
+                    current_mask[:] = [mask]
+                    hidden = hidden.detach().requires_grad_()
+                    output = layer_adapter.layer(hidden, **layer_kwargs)
+                    output = output[0] if isinstance(output, tuple) else output
+                    (grads[row],) = torch.autograd.grad(output, hidden, grads[row])
+        finally:
+            for handle in handles:
+                handle.remove()
+        fisher[index] = {site: [entry / max(tokens, 1) for entry in entries] for site, entries in sums.items()}
+        inputs[index] = None
+    if tokens == 0 or input_ids.shape[1] < 2:
         raise ValueError("calibration sequences are too short to measure loss sensitivity (need >= 2 tokens)")
-    return [{site: [entry / tokens for entry in entries] for site, entries in layer.items()} for layer in sums]
+    return fisher
