@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import LayerAdapter, ModelAdapter
+from .adapters import ModelAdapter
 from .offload import execution_device, materialized
 
 
@@ -145,61 +145,6 @@ class SecondMoment:
         if self.tokens == 0:
             raise ValueError("no calibration tokens were seen")
         return self.sum / self.tokens
-
-
-@dataclass
-class LayerStatistics:
-    """Second moments of the normalised inputs of a layer's attention and MLP (both (d, d), float64)."""
-
-    attn_input: torch.Tensor
-    mlp_input: torch.Tensor
-    tokens: int
-
-
-@contextlib.contextmanager
-def _norm_input_moments(layer_adapter: LayerAdapter, device):
-    """Accumulate second moments of the normalised inputs of the attention and MLP pre-norms."""
-    width = layer_adapter.attn_input_norm.weight.shape[-1]
-    moments = {"attn": SecondMoment(width, device), "mlp": SecondMoment(width, device)}
-    current_mask: list[torch.Tensor] = []
-
-    def make_hook(key: str, norm: nn.Module):
-        eps = layer_adapter.norm_eps(norm)
-
-        def hook(module, args):
-            x = args[0]
-            rows = x[current_mask[0]] if current_mask else x.reshape(-1, x.shape[-1])
-            moments[key].add(normalized_rows(rows.reshape(-1, x.shape[-1]).to(device), eps))
-
-        return hook
-
-    handles = [
-        layer_adapter.attn_input_norm.register_forward_pre_hook(make_hook("attn", layer_adapter.attn_input_norm)),
-        layer_adapter.mlp_input_norm.register_forward_pre_hook(make_hook("mlp", layer_adapter.mlp_input_norm)),
-    ]
-    try:
-        yield moments, current_mask
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def collect_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None, progress: bool = True,
-                       stats_device: torch.device | str = "cpu") -> list[LayerStatistics]:
-    """Per-layer second moments of the normalised attention and MLP inputs (padding masked out)."""
-    statistics = []
-    for step in layerwise(model, adapter, input_ids, attention_mask, progress):
-        layer_adapter = adapter.layer_adapter_class(step.layer)
-        outputs = []
-        with _norm_input_moments(layer_adapter, stats_device) as (moments, current_mask), torch.no_grad():
-            for hidden, kwargs, mask in zip(step.hidden, step.kwargs, step.token_mask):
-                current_mask[:] = [mask]
-                output = step.layer(hidden, **kwargs)
-                outputs.append(output[0] if isinstance(output, tuple) else output)
-        step.outputs = outputs
-        statistics.append(LayerStatistics(moments["attn"].mean, moments["mlp"].mean, moments["attn"].tokens))
-    return statistics
 
 
 def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,

@@ -15,9 +15,9 @@ SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
 METHODS = ("auto", "larosa", "topk")
-"""``auto`` (default): weight-aware (WINA) channel scales folded into the weights, a per-layer residual basis
-(identity or PCA) and K per site per layer, both chosen from calibrated Top-K output errors (see
-`rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K.
+"""``auto`` (default): loss-weighted (output Fisher) WINA channel scales folded into the weights, a per-layer
+residual basis (identity or PCA) and K per site per layer, both chosen from calibrated Top-K errors in units
+of loss (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K.
 ``topk``: Top-K alone (TEAL-style)."""
 
 DEFAULT_SITE_COEFFICIENTS = {

@@ -5,15 +5,21 @@ rotations, Top-K error curves); ``apply`` turns them into folded weights and a `
 requested sparsity, so one calibration serves every sparsity.
 
 ``auto`` (the default):
-  1. Weight-aware selection at zero run-time cost (WINA): every site's input is multiplied by the column
-     norms c of the linears reading it, and those linears by diag(1/c); Top-K on |x * c| then keeps the
-     channels that move the outputs most. The scale lives in the pre-norm weight (h1, h3), in v_proj's
-     rows (h2, shared within GQA groups) and in up_proj's rows (h4).
+  0. Loss sensitivity: the diagonal empirical Fisher of every site linear's outputs (mean squared gradient
+     of the next-token loss, `calibration.output_fisher`), so that an output error e costs about
+     sum(fisher * e^2) in loss. Every error and column norm below is measured in these units, which makes
+     errors comparable across sites and layers (unweighted relative errors were not: ``auto-unweighted``
+     in eval/ only matched plain Top-K).
+  1. Weight-aware selection at zero run-time cost (WINA): every site's input is multiplied by the
+     (loss-weighted) column norms c of the linears reading it, and those linears by diag(1/c); Top-K on
+     |x * c| then keeps the channels that move the loss most. The scale lives in the pre-norm weight (h1, h3),
+     in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
   2. Per-layer residual basis: identity, PCA of the normalised attention input, or PCA of the norm's
-     output (scale included), whichever gives the smaller calibrated Top-K output error at h1 + h3.
+     output (scale included), whichever gives the smaller calibrated Top-K error at h1 + h3 at its K.
      Identity layers next to each other need no residual adapter, and none is attached.
-  3. K per site per layer minimising the sum of calibrated relative output errors under the
-     parameter-weighted budget (Lagrangian on exact error curves), unless `site_coefficients` is given.
+  3. K per site per layer minimising the sum of calibrated errors under the parameter-weighted budget
+     (Lagrangian on exact error curves), unless `site_coefficients` is given; 2 and 3 alternate until the
+     rotation choice is stable.
 ``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
 ``topk``: magnitude Top-K on the unchanged model, no calibration.
 """
