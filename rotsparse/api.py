@@ -13,7 +13,7 @@ from .adapters import ModelAdapter, get_adapter
 from .config import SITES, SparsifyConfig, SparsityPlan
 from .methods import CALIBRATED_METHODS, Calibration
 from .offload import adopt_hooks
-from .topk import TopKLinear, allocate_keep_k, apply_topk_options, is_sparsified, site_sizes_of
+from .topk import TopKLinear, allocate_keep_k, apply_topk_options, install_head_kernel, is_sparsified, site_sizes_of
 
 logger = logging.getLogger("rotsparse")
 
@@ -110,7 +110,8 @@ def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
 
 
 def install_topk(adapter: ModelAdapter, plan: SparsityPlan) -> None:
-    """Replace every site linear by a `TopKLinear` with the plan's K."""
+    """Replace every site linear by a `TopKLinear` with the plan's K, and route the (dense) lm_head through
+    the dense decode kernel (`KernelLinear`: same weight, same function)."""
     layer_adapters = adapter.layer_adapters()
     if len(plan.keep_k) != len(layer_adapters):
         raise ValueError(f"plan has {len(plan.keep_k)} layers, model has {len(layer_adapters)}")
@@ -120,6 +121,7 @@ def install_topk(adapter: ModelAdapter, plan: SparsityPlan) -> None:
                 linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
                 setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
     apply_topk_options(adapter.model, plan.config)
+    install_head_kernel(adapter.model)
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> None:

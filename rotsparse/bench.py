@@ -79,19 +79,30 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
     return {"layers": layers, "model": layers + head}
 
 
-def _decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, tokens: int, layers_only: bool) -> float:
-    """Median-free single measurement: prefill `prompt` (1, p), then time `tokens` single-token steps."""
+def _prefilled(model: nn.Module, prompt: torch.Tensor, layers_only: bool):
+    """(runner, KV cache) after a prefill of `prompt` (1, p); runner is the decoder stack when `layers_only`."""
     from transformers import DynamicCache
 
     runner = model.model if layers_only else model
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
         runner(input_ids=prompt, past_key_values=cache, use_cache=True)
-        next_token = prompt[:, -1:]
+    return runner, cache
+
+
+def _step_ms(runner: nn.Module, token: torch.Tensor, cache) -> float:
+    """One timed single-token decode step (ms)."""
+    with torch.no_grad():
         start = time.perf_counter()
-        for _ in range(tokens):
-            runner(input_ids=next_token, past_key_values=cache, use_cache=True)
-        return (time.perf_counter() - start) * 1000 / tokens
+        runner(input_ids=token, past_key_values=cache, use_cache=True)
+        return (time.perf_counter() - start) * 1000
+
+
+def _decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, tokens: int, layers_only: bool) -> float:
+    """One model alone (used for warm-up): prefill `prompt` (1, p), then the mean of `tokens` timed steps."""
+    runner, cache = _prefilled(model, prompt, layers_only)
+    next_token = prompt[:, -1:]
+    return sum(_step_ms(runner, next_token, cache) for _ in range(tokens)) / tokens
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,8 @@ class DecodeBenchmark:
     layers_speedup: float
     kernel_dense_ms_per_token: float | None
     speedup_vs_kernel_dense: float | None
+    kernel_dense_layers_ms_per_token: float | None
+    layers_speedup_vs_kernel_dense: float | None
     effective_sparsity: float
     bytes_limit_speedup: float
     layers_bytes_limit_speedup: float
@@ -118,7 +131,8 @@ class DecodeBenchmark:
 
 def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repeats: int = 5, prompt_length: int = 16,
                      warmup_tokens: int = 8, seed: int = 0, kernel_dense: nn.Module | None = None) -> DecodeBenchmark:
-    """Interleave dense and sparse decode timings (whole model and decoder stack); medians over `repeats`.
+    """Interleave dense and sparse decode timings (whole model and decoder stack) step by step; medians over
+    `repeats`.
 
     kernel_dense: optionally, the dense model run through rotsparse's own kernel at K = in (see
     `structural_sparse_copy` at sparsity 0), a baseline that isolates what sparsity buys from what a
@@ -132,13 +146,26 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
     models = {"dense": dense, "sparse": sparse} | ({"kernel_dense": kernel_dense} if kernel_dense else {})
     for model in models.values():
         _decode_ms_per_token(model, prompt, warmup_tokens, layers_only=False)
+    # Interleaved step by step: every timed configuration (model x whole/layers) has its own KV cache and
+    # they take turns one decode step at a time (order reversed every step), so load from other jobs and
+    # drifts in memory bandwidth hit all of them alike. One repeat = `tokens` steps of each; its mean is one
+    # sample, and the medians over repeats are reported.
+    configs = [(name, layers_only) for name in models for layers_only in (False, True)]
     timings = {key: [] for name in models for key in (name, f"{name}_layers")}
+    next_token = prompt[:, -1:]
     for _ in range(repeats):
-        for key, model in models.items():
-            timings[key].append(_decode_ms_per_token(model, prompt, tokens, layers_only=False))
-            timings[f"{key}_layers"].append(_decode_ms_per_token(model, prompt, tokens, layers_only=True))
+        states = {config: _prefilled(models[config[0]], prompt, config[1]) for config in configs}
+        totals = dict.fromkeys(configs, 0.0)
+        for step in range(tokens):
+            for config in (configs if step % 2 == 0 else configs[::-1]):
+                runner, cache = states[config]
+                totals[config] += _step_ms(runner, next_token, cache)
+        for (name, layers_only), total in totals.items():
+            timings[f"{name}_layers" if layers_only else name].append(total / tokens)
+        del states
     median = {key: statistics.median(values) for key, values in timings.items()}
     kernel_dense_ms = median.get("kernel_dense")
+    kernel_dense_layers_ms = median.get("kernel_dense_layers")
     dense_bytes, sparse_bytes = weight_bytes(dense), weight_bytes(sparse)
     dtype = next(sparse.parameters()).dtype
     return DecodeBenchmark(
@@ -148,6 +175,9 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         layers_speedup=median["dense_layers"] / median["sparse_layers"],
         kernel_dense_ms_per_token=kernel_dense_ms,
         speedup_vs_kernel_dense=None if kernel_dense_ms is None else kernel_dense_ms / median["sparse"],
+        kernel_dense_layers_ms_per_token=kernel_dense_layers_ms,
+        layers_speedup_vs_kernel_dense=(None if kernel_dense_layers_ms is None
+                                        else kernel_dense_layers_ms / median["sparse_layers"]),
         effective_sparsity=plan.effective_sparsity,
         bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
         layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],

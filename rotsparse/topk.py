@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import SITES
 
 
@@ -146,17 +147,15 @@ class TopKLinear(nn.Linear):
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token through the sparse kernel; block mode and L2 rescaling select the channels here and
         apply the per-token scale ||x|| / ||kept|| to the kernel's output before the bias."""
-        from .kernels import index_gemv, topk_gemv, topk_indices
-
         weight_t = self.weight.t()
         if not self.block_size and not self.l2_rescale:
-            return topk_gemv(x, weight_t, self.bias, self.keep_k)
+            return kernels.decode_topk_gemv(x, weight_t, self.bias, self.keep_k)
         if self.block_size:
             indices = _block_indices(x.reshape(-1), block_keep(self.keep_k, self.in_features, self.block_size),
                                      self.block_size)
         else:
-            indices = topk_indices(x, self.keep_k)
-        output = index_gemv(x, indices, weight_t, None)
+            indices = kernels.topk_indices(x, self.keep_k)
+        output = kernels.index_gemv(x, indices, weight_t, None)
         if self.l2_rescale:
             flat = x.reshape(-1).float()
             kept = flat.index_select(0, indices).norm()
@@ -174,6 +173,43 @@ class TopKLinear(nn.Linear):
         if self.l2_rescale:
             options += ", l2_rescale=True"
         return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
+
+
+class KernelLinear(nn.Linear):
+    """A dense `nn.Linear` (the lm_head of a sparsified model) whose single-token inference steps go through
+    rotsparse's dense decode GEMV (`rotsparse.kernels.dense_gemv`, the same row-major weight: no re-layout,
+    ties to the embeddings kept); everything else is `F.linear`. Same function, same parameters and names.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "KernelLinear":
+        """A KernelLinear sharing `linear`'s parameter objects (no copy), in `linear`'s train/eval mode."""
+        module = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() == self.in_features and not self.training and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype == self.weight.dtype and self.weight.is_contiguous()
+                and not torch.is_autocast_enabled("cpu")):
+            return kernels.dense_gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def install_head_kernel(model: nn.Module, name: str = "lm_head") -> None:
+    """Route `model`'s (dense) `name` linear through the dense decode kernel (see `KernelLinear`).
+
+    Done by `sparsify`/`load` (via `rotsparse.api.install_topk`) and hence by the kernel-dense baseline of
+    the benchmark alike, so the head costs the same in both. Idempotent; a no-op for anything but a plain
+    `nn.Linear` (e.g. an already replaced head, or a quantised one).
+    """
+    from .offload import adopt_hooks
+
+    head = getattr(model, name, None)
+    if type(head) is not nn.Linear:
+        return
+    setattr(model, name, adopt_hooks(head, KernelLinear.from_linear(head)))
 
 
 def _block_indices(x: torch.Tensor, keep_n: int, block_size: int) -> torch.Tensor:
@@ -227,9 +263,7 @@ def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (..., d) @ rotation (d, d); a single inference token goes through the dense decode kernel."""
     rotation = rotation.to(x.dtype)
     if x.numel() == rotation.shape[0] and not torch.is_grad_enabled() and rotation.is_contiguous():
-        from .kernels import topk_gemv
-
-        return topk_gemv(x, rotation, None, rotation.shape[0])
+        return kernels.decode_topk_gemv(x, rotation, None, rotation.shape[0])
     return x @ rotation
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import rotsparse
 from rotsparse.cli import build_parser, main
@@ -105,8 +104,10 @@ def test_bench_on_a_synthetic_shape_reports_speed_and_bytes_limit(capsys):
                  "--sparsity", "0.5", "--tokens", "2", "--repeats", "1", "--json"]) == 0
     record = last_json_line(capsys)
     for key in ("dense_ms_per_token", "sparse_ms_per_token", "speedup", "effective_sparsity",
-                "bytes_limit_speedup", "dtype"):
+                "bytes_limit_speedup", "dtype", "kernel_dense_ms_per_token", "speedup_vs_kernel_dense",
+                "kernel_dense_layers_ms_per_token", "layers_speedup_vs_kernel_dense"):
         assert key in record
+    assert record["layers_speedup_vs_kernel_dense"] > 0
     assert record["dtype"] == "float32" and record["layers"] == 1
     assert abs(record["effective_sparsity"] - 0.5) < 0.01
     assert 1.0 < record["bytes_limit_speedup"] < 2.0

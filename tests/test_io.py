@@ -77,14 +77,38 @@ def test_kernel_and_masked_paths_generate_the_same_tokens(family, monkeypatch):
     import rotsparse.kernels
 
     calls = []
-    kernel = rotsparse.kernels.topk_gemv
-    monkeypatch.setattr(rotsparse.kernels, "topk_gemv", lambda *args: calls.append(1) or kernel(*args))
+    kernel = rotsparse.kernels.decode_topk_gemv  # what TopKLinear's decode step and the adapters call
+    monkeypatch.setattr(rotsparse.kernels, "decode_topk_gemv", lambda *args: calls.append(1) or kernel(*args))
     prompt = random_tokens(num_sequences=1, length=10, seed=11)
     with_kernels = greedy(model, prompt, steps=12).sequences
     assert len(calls) >= 11 * 7 * 2, "decode steps must go through the sparse kernel"
     rotsparse.set_kernels(model, False)
     without = greedy(model, prompt, steps=12).sequences
     assert torch.equal(with_kernels, without)
+
+
+@pytest.mark.parametrize("method", ["topk", "larosa"])
+def test_lm_head_decodes_through_the_dense_kernel_and_keeps_its_tie(method, monkeypatch):
+    from torch import nn
+
+    import rotsparse.kernels
+    from rotsparse.topk import KernelLinear
+
+    model = sparsified("llama", method=method)
+    head = model.lm_head
+    assert type(head) is KernelLinear and isinstance(head, nn.Linear)
+    if method == "topk":  # tied embeddings stay tied (the head is not re-laid out)
+        assert head.weight is model.model.embed_tokens.weight
+    calls = []
+    kernel = rotsparse.kernels.dense_gemv
+    monkeypatch.setattr(rotsparse.kernels, "dense_gemv", lambda *args: calls.append(1) or kernel(*args))
+    prompt = random_tokens(num_sequences=1, length=10, seed=5)
+    result = greedy(model, prompt, steps=6)
+    assert len(calls) >= 5, "decode steps must go through the dense head kernel"
+    with torch.no_grad():
+        full = model(result.sequences, use_cache=False).logits
+    for step, step_logits in enumerate(result.logits):
+        assert torch.allclose(step_logits[0], full[0, prompt.shape[1] - 1 + step], atol=1e-4, rtol=1e-4), step
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rotsparse.kernels as K
-from rotsparse.kernels import index_gemv, kernel_backend, topk_gemv, topk_indices, topk_mask
+from rotsparse.kernels import dense_gemv, index_gemv, kernel_backend, topk_gemv, topk_indices, topk_mask
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
@@ -167,6 +167,52 @@ def test_fallback_equals_cpp(dtype):
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
         scale = y_torch.float().abs().max().item()
         torch.testing.assert_close(y_cpp.float(), y_torch.float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 13), (1000, 576), (20000, 64), (5, 1), (64, 2048)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_gemv_matches_linear(dtype, shape, with_bias):
+    """dense_gemv: one token through a row-major (out, in) weight == F.linear (float32 accumulation)."""
+    n_out, n_in = shape
+    weight = make_weight(n_in, n_out, dtype).t().contiguous()
+    bias = torch.randn(n_out).to(dtype) if with_bias else None
+    for xshape in [(n_in,), (1, n_in), (1, 1, n_in)]:
+        x = distinct_x(n_in, dtype, seed=3).reshape(xshape)
+        y = dense_gemv(x, weight, bias)
+        assert y.shape == (*xshape[:-1], n_out) and y.dtype == dtype
+        ref = x.double() @ weight.double().t() + (bias.double() if with_bias else 0)
+        assert_close_to_ref(y, ref, torch.bfloat16 if dtype != torch.float32 else dtype)
+
+
+def test_dense_gemv_fallbacks_and_errors():
+    w = make_weight(48, 16, torch.float64).t().contiguous()
+    x = torch.randn(48, dtype=torch.float64)
+    torch.testing.assert_close(dense_gemv(x, w), x @ w.t())  # float64: F.linear
+    w32 = w.float().requires_grad_()
+    y = dense_gemv(x.float(), w32)  # autograd records: F.linear, differentiable
+    y.sum().backward()
+    torch.testing.assert_close(w32.grad, x.float().expand(16, 48))
+    with pytest.raises(ValueError, match="contiguous"):
+        dense_gemv(x.float(), torch.randn(48, 16).t())
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        dense_gemv(x.float(), w.bfloat16())
+    with pytest.raises(ValueError, match="one token"):
+        dense_gemv(torch.randn(2, 48), w.float())
+    with pytest.raises(ValueError, match="shape mismatch"):
+        dense_gemv(torch.randn(47), w.float())
+    torch.library.opcheck(torch.ops.rotsparse.dense_gemv.default, (x.float().reshape(1, 48), w.float(), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_topk_gemv_equals_topk_gemv(dtype):
+    x = distinct_x(640, dtype, seed=9).reshape(1, 1, 640)
+    w = make_weight(640, 96, dtype)
+    b = torch.randn(96).to(dtype)
+    for k in [0, 1, 320, 640]:
+        torch.testing.assert_close(K.decode_topk_gemv(x, w, b, k), topk_gemv(x, w, b, k), rtol=0, atol=0)
+    x64, w64 = x.double(), w.double()  # not a native dtype: goes through topk_gemv's fallback
+    torch.testing.assert_close(K.decode_topk_gemv(x64, w64, None, 100), reference(x64, w64, None, 100))
 
 
 def test_kernel_backend_values():

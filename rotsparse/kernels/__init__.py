@@ -19,7 +19,8 @@ Backends (picked per call, see :func:`kernel_backend`):
   the native kernels do not handle.
 
 Public API: :func:`topk_gemv`, :func:`index_gemv`, :func:`topk_indices`,
-:func:`topk_mask`, :func:`kernel_backend`, :func:`build_extension`.
+:func:`dense_gemv` (one token through a row-major ``(out, in)`` weight, e.g. the
+lm_head), :func:`topk_mask`, :func:`kernel_backend`, :func:`build_extension`.
 ``topk_gemv``, ``index_gemv`` and ``topk_indices`` are ``torch.library``
 custom ops (``torch.ops.rotsparse.*``, with fake implementations) so
 ``torch.compile`` can trace code that calls them; in plain eager mode without
@@ -41,6 +42,7 @@ from torch import Tensor
 
 __all__ = [
     "build_extension",
+    "dense_gemv",
     "index_gemv",
     "kernel_backend",
     "topk_gemv",
@@ -71,7 +73,7 @@ def _load_extension(verbose: bool = False):
     """Build (or load from torch's extension cache) the C++ kernel.
 
     Returns the op namespace ``torch.ops.rotsparse_cpp`` (``topk_gemv``,
-    ``index_gemv``, ``topk_indices``, ``has_avx512``); raises on failure.
+    ``index_gemv``, ``topk_indices``, ``dense_gemv``, ``has_avx512``); raises on failure.
     Cached: the build runs at most once per process per ``verbose`` value.
     """
     from torch.utils.cpp_extension import load
@@ -168,12 +170,12 @@ def _check_keep_k(keep_k, n: int):
     return keep_k
 
 
-def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> None:
+def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_contiguous: bool = True) -> None:
     if not isinstance(x, Tensor) or not isinstance(weight_t, Tensor):
         raise TypeError("x and weight_t must be tensors")
     if weight_t.dim() != 2:
         raise ValueError(f"weight_t must be 2-D (in, out), got shape {tuple(weight_t.shape)}")
-    if not weight_t.is_contiguous():
+    if check_contiguous and not weight_t.is_contiguous():
         raise ValueError(
             "weight_t must be contiguous with shape (in, out) (input-channel-major); "
             "for an nn.Linear weight W (out, in) pass W.t().contiguous() once and keep it"
@@ -298,6 +300,14 @@ def _topk_indices_dispatch(x: Tensor, keep_k: int) -> Tensor:
     return x1.abs().topk(int(keep_k), sorted=False).indices.sort().values
 
 
+def _dense_gemv_dispatch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES:
+        ext = _cpp_ext()
+        if ext is not None:
+            return ext.dense_gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 @torch.library.custom_op("rotsparse::index_gemv", mutates_args=())
 def _index_gemv_op(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _index_gemv_dispatch(x, indices, weight_t, bias)
@@ -327,6 +337,17 @@ def _topk_gemv_op(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: i
 def _topk_gemv_fake(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+@torch.library.custom_op("rotsparse::dense_gemv", mutates_args=())
+def _dense_gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _dense_gemv_dispatch(x, weight, bias)
+
+
+@_dense_gemv_op.register_fake
+def _dense_gemv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    torch._check(x.shape[-1] == weight.shape[1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _topk_gemv_setup_context(ctx, inputs, output):
@@ -382,6 +403,18 @@ def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) 
     return torch.ops.rotsparse.topk_gemv(x, weight_t, bias, keep_k)
 
 
+def decode_topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    """:func:`topk_gemv` for callers whose arguments are consistent by construction (a `TopKLinear`'s decode
+    step, a residual adapter): plain CPU tensors of one native dtype in eager mode go straight to the C++
+    kernel (which still checks shapes), skipping the Python validation; anything else is `topk_gemv`."""
+    if (x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and weight_t.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and _eager_fast_path(x, weight_t, bias)):
+        ext = _cpp_ext()
+        if ext is not None:
+            return ext.topk_gemv(x, weight_t, bias, keep_k)
+    return topk_gemv(x, weight_t, bias, keep_k)
+
+
 def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Sparse GEMV over precomputed input channels, one token (inference only: no autograd).
 
@@ -399,6 +432,29 @@ def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tens
     if _eager_fast_path(x, weight_t, bias, indices):
         return _index_gemv_dispatch(x, indices, weight_t, bias)
     return torch.ops.rotsparse.index_gemv(x, indices, weight_t, bias)
+
+
+def dense_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Dense GEMV for ONE token through a row-major weight: ``F.linear(x, weight, bias)``.
+
+    ``weight``: ``(out, in)``, contiguous (an ``nn.Linear`` weight as stored, so
+    the lm_head needs no re-layout and stays tied to the embeddings); ``x``:
+    ``(in,)``, ``(1, in)`` or ``(1, 1, in)``.  On CPU (float32 / bfloat16 /
+    float16) a C++/OpenMP kernel streams the rows with float32 accumulation,
+    at memory bandwidth where torch's own bf16 single-token ``F.linear`` is
+    about half as fast; elsewhere, and when autograd must record, it is
+    ``F.linear`` itself.  Custom op ``torch.ops.rotsparse.dense_gemv``.
+    """
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("x and weight must be tensors")
+    if weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
+    _check_gemv_args(x, weight.t(), bias, check_contiguous=False)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return torch.nn.functional.linear(x, weight, bias)
+    if _eager_fast_path(x, weight, bias):
+        return _dense_gemv_dispatch(x, weight, bias)
+    return torch.ops.rotsparse.dense_gemv(x, weight, bias)
 
 
 def topk_indices(x: Tensor, keep_k: int) -> Tensor:

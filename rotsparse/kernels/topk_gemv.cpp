@@ -422,6 +422,91 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
   for (int t = 0; t < nthreads; ++t) body(t);
 }
 
+// ---------------------------------------------------------------------------
+// Dense GEMV over a row-major (out, in) weight (an nn.Linear weight as stored):
+//   y[j] = dot(W[j, :], x) (+ bias[j]),  float32 accumulation.
+// Used for dense parts of a decode step (the lm_head) without re-laying out
+// (or untying) their weights.  Threads own contiguous blocks of rows, so each
+// streams one contiguous region of the weight.
+// ---------------------------------------------------------------------------
+template <typename W>
+void dot_rows(const W* RS_RESTRICT w, int64_t r0, int64_t r1, int64_t in,
+              const float* RS_RESTRICT x, const float* bias, W* RS_RESTRICT y) {
+  int64_t r = r0;
+#if RS_AVX512
+  const int64_t in16 = in & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (in - in16)) - 1u);
+  constexpr int R = 4;
+  for (; r + R <= r1; r += R) {
+    const W* p[R];
+    __m512 a[R], b[R];
+    for (int u = 0; u < R; ++u) {
+      p[u] = w + (r + u) * in;
+      a[u] = _mm512_setzero_ps();
+      b[u] = _mm512_setzero_ps();
+    }
+    int64_t j = 0;
+    for (; j + 32 <= in16; j += 32) {
+      const __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
+      for (int u = 0; u < R; ++u) {
+        a[u] = _mm512_fmadd_ps(load16(p[u] + j), x0, a[u]);
+        b[u] = _mm512_fmadd_ps(load16(p[u] + j + 16), x1, b[u]);
+      }
+    }
+    for (; j < in16; j += 16) {
+      const __m512 x0 = _mm512_loadu_ps(x + j);
+      for (int u = 0; u < R; ++u) a[u] = _mm512_fmadd_ps(load16(p[u] + j), x0, a[u]);
+    }
+    if (j < in) {
+      const __m512 x0 = _mm512_maskz_loadu_ps(tail, x + j);
+      for (int u = 0; u < R; ++u) a[u] = _mm512_fmadd_ps(load16m(p[u] + j, tail), x0, a[u]);
+    }
+    for (int u = 0; u < R; ++u) {
+      const float v = _mm512_reduce_add_ps(_mm512_add_ps(a[u], b[u]));
+      io<W>::store(y + r + u, bias ? v + bias[r + u] : v);
+    }
+  }
+  for (; r < r1; ++r) {
+    const W* p = w + r * in;
+    __m512 a = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < in16; j += 16) a = _mm512_fmadd_ps(load16(p + j), _mm512_loadu_ps(x + j), a);
+    if (j < in) a = _mm512_fmadd_ps(load16m(p + j, tail), _mm512_maskz_loadu_ps(tail, x + j), a);
+    const float v = _mm512_reduce_add_ps(a);
+    io<W>::store(y + r, bias ? v + bias[r] : v);
+  }
+#else
+  for (; r < r1; ++r) {
+    const W* p = w + r * in;
+    float a = 0.f;
+    for (int64_t j = 0; j < in; ++j) a += to_f32(p[j]) * x[j];
+    io<W>::store(y + r, bias ? a + bias[r] : a);
+  }
+#endif
+}
+
+template <typename W>
+void dense_gemv_rows(const W* w, int64_t out, int64_t in, const float* x, const float* bias, W* y) {
+  int nthreads = std::max(1, at::get_num_threads());
+  if (out * in < (int64_t(1) << 15)) nthreads = 1;
+  // Row blocks of 16 rows (a cache line of y even in float32) per thread.
+  const int64_t blocks = (out + 15) / 16;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, blocks));
+  auto body = [&](int t) {
+    const int64_t r0 = std::min(out, blocks * t / nthreads * 16);
+    const int64_t r1 = std::min(out, blocks * (t + 1) / nthreads * 16);
+    if (r0 < r1) dot_rows<W>(w, r0, r1, in, x, bias, y);
+  };
+#ifdef _OPENMP
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+    { body(omp_get_thread_num()); }
+    return;
+  }
+#endif
+  for (int t = 0; t < nthreads; ++t) body(t);
+}
+
 // ------------------------------ validation ---------------------------------
 void check_common(const at::Tensor& x, const at::Tensor& weight_t,
                   const std::optional<at::Tensor>& bias) {
@@ -532,6 +617,47 @@ at::Tensor index_gemv(const at::Tensor& x, const at::Tensor& indices,
   return y;
 }
 
+// y = weight @ x (+ bias) for ONE token; weight: (out, in) row-major contiguous
+// (an nn.Linear weight), x: in elements.  float32 accumulation.
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
+              "rotsparse dense_gemv (C++): tensors must be on the CPU");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous 2-D (out, in) tensor");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x dtype ", x.scalar_type(),
+              " != weight dtype ", weight.scalar_type());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but weight has in=",
+              in);
+  at::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out,
+                "bias must be a CPU tensor of shape (", out, ",)");
+    b32 = bias->to(at::kFloat).contiguous();
+    bp = b32.data_ptr<float>();
+  }
+  at::Tensor x32 = x.reshape({in}).to(at::kFloat).contiguous();
+  const float* xp = x32.data_ptr<float>();
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      dense_gemv_rows<float>(weight.data_ptr<float>(), out, in, xp, bp, y.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      dense_gemv_rows<bf16_t>(reinterpret_cast<const bf16_t*>(weight.data_ptr()), out, in, xp, bp,
+                              reinterpret_cast<bf16_t*>(y.data_ptr()));
+      break;
+    case at::kHalf:
+      dense_gemv_rows<half_bits>(reinterpret_cast<const half_bits*>(weight.data_ptr()), out, in, xp,
+                                 bp, reinterpret_cast<half_bits*>(y.data_ptr()));
+      break;
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
+  }
+  return y;
+}
+
 // Sorted indices (int64) of the keep_k largest |x|, x: one token.
 at::Tensor topk_indices(const at::Tensor& x, int64_t keep_k) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
@@ -570,5 +696,6 @@ RS_TORCH_LIBRARY(RS_NS, m) {
   m.def("index_gemv(Tensor x, Tensor indices, Tensor weight_t, Tensor? bias) -> Tensor",
         &index_gemv);
   m.def("topk_indices(Tensor x, int keep_k) -> Tensor", &topk_indices);
+  m.def("dense_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &dense_gemv);
   m.def("has_avx512() -> bool", &has_avx512);
 }
