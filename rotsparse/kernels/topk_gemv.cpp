@@ -58,6 +58,19 @@
 #endif
 
 // ---------------------------------------------------------------------------
+
+// body(t) for t in [0, nthreads): one OpenMP thread each, or in turn without OpenMP / for one thread.
+template <typename Body>
+void run_threads(int nthreads, const Body& body) {
+#ifdef _OPENMP
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+    { body(omp_get_thread_num()); }
+    return;
+  }
+#endif
+  for (int t = 0; t < nthreads; ++t) body(t);
+}
 // Tuning constants (see eval/results/kernel_bench.md for how they were chosen)
 // ---------------------------------------------------------------------------
 #ifndef RS_ROWS
@@ -412,14 +425,7 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
     return;
   }
 #endif
-#ifdef _OPENMP
-  if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-    { body(omp_get_thread_num()); }
-    return;
-  }
-#endif
-  for (int t = 0; t < nthreads; ++t) body(t);
+  run_threads(nthreads, body);
 }
 
 // ---------------------------------------------------------------------------
@@ -497,14 +503,7 @@ void dense_gemv_rows(const W* w, int64_t out, int64_t in, const float* x, const 
     const int64_t r1 = std::min(out, blocks * (t + 1) / nthreads * 16);
     if (r0 < r1) dot_rows<W>(w, r0, r1, in, x, bias, y);
   };
-#ifdef _OPENMP
-  if (nthreads > 1) {
-#pragma omp parallel num_threads(nthreads)
-    { body(omp_get_thread_num()); }
-    return;
-  }
-#endif
-  for (int t = 0; t < nthreads; ++t) body(t);
+  run_threads(nthreads, body);
 }
 
 // ------------------------------ validation ---------------------------------
