@@ -71,6 +71,10 @@ class LayerAdapter:
             "h4": [(mlp, "down_proj")],
         }
 
+    def site_modules(self) -> dict[str, list[nn.Module]]:
+        """Site name -> the linears reading that site's input, in `site_linears` order."""
+        return {site: [getattr(parent, name) for parent, name in pairs] for site, pairs in self.site_linears().items()}
+
     # RMSNorm conventions -------------------------------------------------------------------
     @staticmethod
     def norm_eps(norm: nn.Module) -> float:

@@ -96,11 +96,7 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
 
 def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], ...]:
     """(input width, parameters fed) of every site of every layer."""
-    return tuple(
-        site_sizes_of({site: [getattr(parent, name) for parent, name in pairs]
-                       for site, pairs in layer_adapter.site_linears().items()})
-        for layer_adapter in adapter.layer_adapters()
-    )
+    return tuple(site_sizes_of(layer_adapter.site_modules()) for layer_adapter in adapter.layer_adapters())
 
 
 def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:

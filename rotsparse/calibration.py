@@ -160,6 +160,9 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
     """
     input_ids = input_ids[:max_sequences]
     attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
+    tokens = input_ids.numel() if attention_mask is None else int(attention_mask.bool().sum())
+    if input_ids.numel() and (tokens == 0 or input_ids.shape[1] < 2):  # empty input: `layerwise` names the shape
+        raise ValueError("calibration sequences are too short to measure loss sensitivity (need >= 2 tokens)")
     inputs, kwargs, masks = [], [], None
     for step in layerwise(model, adapter, input_ids, attention_mask, progress=False):
         inputs.append(list(step.hidden))  # the step's list is refilled with the next layer's inputs
@@ -167,7 +170,7 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
         masks = step.token_mask
         step.outputs = step.run()
         last_outputs = step.outputs
-    grads, tokens = [], 0
+    grads = []
     with torch.enable_grad(), materialized(adapter.final_norm, adapter.lm_head, writeback=False):
         for hidden, ids, mask in zip(last_outputs, input_ids, masks):
             hidden = hidden.detach().requires_grad_()
@@ -177,13 +180,11 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
                                                ignore_index=-100, reduction="sum")
             (grad,) = torch.autograd.grad(loss, hidden)
             grads.append(grad)
-            tokens += int(mask.sum())
     fisher = [None] * len(adapter.layers)
     for index in tqdm(reversed(range(len(adapter.layers))), total=len(adapter.layers), desc="loss sensitivity",
                       disable=not progress):
         layer_adapter = adapter.layer_adapter_class(adapter.layers[index])
-        linears = {site: [getattr(parent, name) for parent, name in pairs]
-                   for site, pairs in layer_adapter.site_linears().items()}
+        linears = layer_adapter.site_modules()
         sums = {site: [0.0] * len(modules) for site, modules in linears.items()}
         current_mask: list[torch.Tensor] = []
 
@@ -209,8 +210,6 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
         finally:
             for handle in handles:
                 handle.remove()
-        fisher[index] = {site: [entry / max(tokens, 1) for entry in entries] for site, entries in sums.items()}
+        fisher[index] = {site: [entry / tokens for entry in entries] for site, entries in sums.items()}
         inputs[index] = None
-    if tokens == 0 or input_ids.shape[1] < 2:
-        raise ValueError("calibration sequences are too short to measure loss sensitivity (need >= 2 tokens)")
     return fisher

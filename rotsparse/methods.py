@@ -229,8 +229,7 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
         return LayerCalibration(rotations)
     relative = fisher is None
     weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
-               for site, linears in (("h1", layer_adapter.qkv), ("h2", [layer_adapter.o_proj]),
-                                     ("h3", layer_adapter.gate_up), ("h4", [layer_adapter.down_proj]))}
+               for site, linears in layer_adapter.site_modules().items()}
     if fisher is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
         weights = {site: [fisher[site][i].sqrt()[:, None] * weight for i, weight in enumerate(site_weights)]
                    for site, site_weights in weights.items()}
