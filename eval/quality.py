@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "wina+rot+larosa-coef": ("auto", AutoOptions(allocation="uniform"), LAROSA_COEFFICIENTS),
     "auto-pca-only": ("auto", AutoOptions(rotations=("identity", "pca")), None),
     "auto-unweighted": ("auto", AutoOptions(loss_weighted=False), None),
+    "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
     "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False), None),
     "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False), None),
 }

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The committed quality tables: every method at 25/40/50/60% and the ablations at 40/50%, both pip-shipped
+# The committed quality tables: every method and ablation at 25/40/50/60%, both pip-shipped
 # models (one process per model, one thread each, so the two run side by side on a 2-core machine).
-#   bash eval/quality_sweep.sh            (about 45-60 min on 2 cores)
+#   bash eval/quality_sweep.sh            (about 60 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--calibration-sequences 4 --error-tokens 512 --eval-tokens 4096 --threads 1)
 run_model() {
   local model=$1 short=$2
   local out=eval/results/quality_${short}.jsonl md=eval/results/quality_${short}.md
-  python eval/quality.py --models "$model" --methods topk auto larosa --sparsities 0.25 0.4 0.5 0.6 \
+  python eval/quality.py --models "$model" --methods topk larosa --sparsities 0.25 0.4 0.5 0.6 \
     "${common[@]}" --out "$out" --markdown "$md"
-  python eval/quality.py --models "$model" --methods topk auto-unweighted wina wina+alloc wina+rot \
-    --sparsities 0.4 0.5 "${common[@]}" --reuse-dense --out "$out" --markdown "$md"
+  python eval/quality.py --models "$model" --methods auto auto-uncharged wina+alloc wina \
+    --sparsities 0.25 0.4 0.5 0.6 "${common[@]}" --reuse-dense --out "$out" --markdown "$md"
 }
 run_model smollm2-135m smollm2 > eval/results/quality_smollm2.log 2>&1 &
 run_model gemma3-270m gemma > eval/results/quality_gemma.log 2>&1 &

@@ -147,16 +147,31 @@ class SecondMoment:
         return self.sum / self.tokens
 
 
-def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, progress: bool = True,
-                  max_sequences: int = 4) -> list[dict[str, list[torch.Tensor]]]:
-    """Per layer and site, for each linear reading the site (`LayerAdapter.site_linears` order), the mean
-    squared gradient of the next-token loss w.r.t. each of its outputs (out,) float64: the diagonal
-    empirical Fisher that turns an output error e into a loss increase of about sum(fisher * e^2) / 2.
+@dataclass
+class LossSensitivity:
+    """How much the next-token loss moves when a site linear's output moves, per layer, site and reader
+    (`LayerAdapter.site_modules` order).
 
-    Layer by layer, like calibration: a forward pass keeps every layer's input hidden states for the first
-    `max_sequences` calibration sequences (n, seq), then the loss gradient is carried back one layer at a
-    time (each layer recomputed with gradients on its input only). No parameter gradients are kept.
+    fisher[layer][site][reader]: (out,) float64, mean squared loss gradient of each output over real tokens
+        (the diagonal empirical Fisher: an output error e costs about sum(fisher * e^2) / 2 in loss).
+    token_energy[layer][site][reader]: (n, seq) float64, squared gradient norm of each token's output row,
+        0 on padding; its mean over real tokens is fisher.sum().
+    sequences: how many calibration sequences (the first ones) were measured.
+    """
+
+    fisher: list[dict[str, list[torch.Tensor]]]
+    token_energy: list[dict[str, list[torch.Tensor]]]
+    sequences: int
+
+
+def loss_sensitivity(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, progress: bool = True,
+                     max_sequences: int = 4) -> LossSensitivity:
+    """`LossSensitivity` of every site linear's outputs over the first `max_sequences` sequences (n, seq).
+
+    Layer by layer, like calibration: a forward pass keeps every layer's input hidden states for those
+    sequences, then the loss gradient is carried back one layer at a time (each layer recomputed with
+    gradients on its input only). No parameter gradients are kept.
     """
     input_ids = input_ids[:max_sequences]
     attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
@@ -180,17 +195,23 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
                                                ignore_index=-100, reduction="sum")
             (grad,) = torch.autograd.grad(loss, hidden)
             grads.append(grad)
-    fisher = [None] * len(adapter.layers)
-    for index in tqdm(reversed(range(len(adapter.layers))), total=len(adapter.layers), desc="loss sensitivity",
+    num_layers = len(adapter.layers)
+    fisher, token_energy = [None] * num_layers, [None] * num_layers
+    for index in tqdm(reversed(range(num_layers)), total=num_layers, desc="loss sensitivity",
                       disable=not progress):
         layer_adapter = adapter.layer_adapter_class(adapter.layers[index])
         linears = layer_adapter.site_modules()
         sums = {site: [0.0] * len(modules) for site, modules in linears.items()}
-        current_mask: list[torch.Tensor] = []
+        energies = {site: [torch.zeros(input_ids.shape, dtype=torch.float64) for _ in modules]
+                    for site, modules in linears.items()}
+        current_row: list = []
 
         def make_hook(site: str, position: int):
             def accumulate(grad):
-                sums[site][position] = sums[site][position] + grad.detach()[current_mask[0]].double().pow(2).sum(0).cpu()
+                row, mask = current_row
+                squares = grad.detach()[0].double().pow(2) * mask[0, :, None]  # (seq, out), 0 on padding
+                sums[site][position] = sums[site][position] + squares.sum(0).cpu()
+                energies[site][position][row] = squares.sum(1).cpu()
 
             def hook(module, args, output):
                 output.register_hook(accumulate)
@@ -202,7 +223,7 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
         try:
             with torch.enable_grad(), materialized(layer_adapter.layer, writeback=False):
                 for row, (hidden, layer_kwargs, mask) in enumerate(zip(inputs[index], kwargs[index], masks)):
-                    current_mask[:] = [mask]
+                    current_row[:] = [row, mask]
                     hidden = hidden.detach().requires_grad_()
                     output = layer_adapter.layer(hidden, **layer_kwargs)
                     output = output[0] if isinstance(output, tuple) else output
@@ -211,5 +232,6 @@ def output_fisher(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tens
             for handle in handles:
                 handle.remove()
         fisher[index] = {site: [entry / tokens for entry in entries] for site, entries in sums.items()}
+        token_energy[index] = energies
         inputs[index] = None
-    return fisher
+    return LossSensitivity(fisher, token_energy, input_ids.shape[0])

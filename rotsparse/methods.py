@@ -6,8 +6,8 @@ requested sparsity, so one calibration serves every sparsity.
 
 ``auto`` (the default):
   0. Loss sensitivity: the diagonal empirical Fisher of every site linear's outputs (mean squared gradient
-     of the next-token loss, `calibration.output_fisher`), so that an output error e costs about
-     sum(fisher * e^2) in loss. Every error and column norm below is measured in these units, which makes
+     of the next-token loss, `calibration.loss_sensitivity`), so that an output error e costs about
+     sum(fisher * e^2) in loss; per token, weighted by that token's own gradient energy. Every error and column norm below is measured in these units, which makes
      errors comparable across sites and layers (unweighted relative errors were not: ``auto-unweighted``
      in eval/ only matched plain Top-K).
   1. Weight-aware selection at zero run-time cost (WINA): every site's input is multiplied by the
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, ModelAdapter
-from .calibration import SecondMoment, layerwise, normalized_rows, output_fisher
+from .calibration import LossSensitivity, SecondMoment, layerwise, loss_sensitivity, normalized_rows
 from .config import SITES, SparsifyConfig
 from .offload import materialized
 from .rotation import (
@@ -62,7 +62,9 @@ class AutoOptions:
     rotations: candidate residual bases per layer, from "identity", "pca" (normalised attention input),
         "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
     allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
-    loss_weighted: weigh every linear output by its loss sensitivity (`output_fisher`), in the WINA scales
+    charge_rotations: with error allocation, a rotated layer pays for the weights its rotation adds at run
+        time (residual adapter, output rotations) at the allocation's price per kept weight.
+    loss_weighted: weigh every linear output by its loss sensitivity (`loss_sensitivity`), in the WINA scales
         and in the errors, which are then absolute (comparable across sites and layers); else relative.
     """
 
@@ -70,6 +72,7 @@ class AutoOptions:
     scaling: bool = True
     allocation: str = "error"
     loss_weighted: bool = True
+    charge_rotations: bool = True
 
 
 @dataclass
@@ -81,11 +84,14 @@ class LayerCalibration:
         candidate rotation, for h2 and h4 one curve.
     scales[site]: WINA scales to fold (`fold_scales`): h1/h3 one (d,) per candidate rotation, h2 one per
         value channel, h4 one per down_proj input; empty without scaling.
+    rotation_weights: weights a rotated basis adds at run time (d x d residual adapter, and one d x d output
+        rotation per post-norm).
     """
 
     rotations: list[torch.Tensor | None]
     curves: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     scales: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    rotation_weights: int = 0
 
 
 @dataclass
@@ -110,8 +116,8 @@ class Calibration:
             return {site: [values[i] for i in keep] if site in ("h1", "h3") else values
                     for site, values in per_site.items()}
 
-        layers = [LayerCalibration([layer.rotations[i] for i in keep], pick(layer.curves), pick(layer.scales))
-                  for layer in self.layers]
+        layers = [LayerCalibration([layer.rotations[i] for i in keep], pick(layer.curves), pick(layer.scales),
+                                   layer.rotation_weights) for layer in self.layers]
         return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
 
 
@@ -177,13 +183,16 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False)
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
-    fisher = None
+    sensitivity = None
     if options.loss_weighted:
-        fisher = output_fisher(model, adapter, input_ids, attention_mask, progress)
+        sensitivity = loss_sensitivity(model, adapter, input_ids, attention_mask, progress)
     positions = None
     for step in layerwise(model, adapter, input_ids, attention_mask, progress):
-        if positions is None:
-            positions = _sample_positions(step.token_mask, config.error_tokens, config.seed)
+        if positions is None:  # error rows come from sequences whose loss sensitivity was measured
+            measured = len(step.token_mask) if sensitivity is None else sensitivity.sequences
+            candidates = [mask if row < measured else torch.zeros_like(mask)
+                          for row, mask in enumerate(step.token_mask)]
+            positions = _sample_positions(candidates, config.error_tokens, config.seed)
         layer_adapter = adapter.layer_adapter_class(step.layer)
         width = layer_adapter.attn_input_norm.weight.shape[-1]
         moments = {"h1": SecondMoment(width)}
@@ -200,7 +209,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
         layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options,
-                                       None if fisher is None else fisher[step.index]))
+                                       _layer_sensitivity(sensitivity, step.index, positions)))
         error_seconds += time.perf_counter() - error_start
     return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
 
@@ -215,24 +224,49 @@ def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor) -
     raise ValueError(f"unknown rotation candidate {name!r}")
 
 
+def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, positions: list[torch.Tensor]):
+    """(fisher, token weights) of layer `index`: fisher[site][reader] (out,), and token_weights[site][reader]
+    (rows,) the squared gradient norm of every sampled row (`positions`, in sampling order); None unweighted."""
+    if sensitivity is None:
+        return None
+    energy = sensitivity.token_energy[index]
+    chosen = [mask[0].cpu() for mask in positions[: sensitivity.sequences]]
+    token_weights = {site: [torch.cat([per_token[row][mask] for row, mask in enumerate(chosen)])
+                            for per_token in readers] for site, readers in energy.items()}
+    return sensitivity.fisher[index], token_weights
+
+
 @torch.no_grad()
 def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
-                     options: AutoOptions, fisher: dict[str, list[torch.Tensor]] | None) -> LayerCalibration:
+                     options: AutoOptions, sensitivity: tuple[dict, dict] | None) -> LayerCalibration:
     """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
 
-    With `fisher` (loss-weighted), every reader's output rows are weighted by sqrt(fisher) before
-    measuring column norms and errors, and errors are absolute; otherwise relative.
+    With `sensitivity` (`_layer_sensitivity`: loss-weighted), every reader's output rows are weighted by
+    sqrt(fisher) for the WINA column norms; errors are absolute, in units of loss, each row's error at
+    reader r weighted per token (its gradient energy) and per output (fisher_r / sum(fisher_r)).
+    Otherwise errors are relative.
     """
     attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
     rotations = [_candidate(name, attn_moment, attn_scale) for name in options.rotations]
+    post_norms = sum(norm is not None for norm in (layer_adapter.attn_output_norm, layer_adapter.mlp_output_norm))
+    rotation_weights = attn_moment.shape[0] ** 2 * (1 + post_norms)
     if options.allocation != "error" and len(rotations) == 1 and not options.scaling:
-        return LayerCalibration(rotations)
-    relative = fisher is None
+        return LayerCalibration(rotations, rotation_weights=rotation_weights)
     weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
                for site, linears in layer_adapter.site_modules().items()}
-    if fisher is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
+    if sensitivity is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
+        fisher, token_weights = sensitivity
         weights = {site: [fisher[site][i].sqrt()[:, None] * weight for i, weight in enumerate(site_weights)]
                    for site, site_weights in weights.items()}
+
+    def curve(site: str, inputs: torch.Tensor, readers: list[torch.Tensor]) -> torch.Tensor:
+        if sensitivity is None:
+            return topk_error_curve(inputs, torch.cat(readers), relative=True)
+        tiny = torch.finfo(torch.float64).tiny
+        return sum(topk_error_curve(inputs * (token_weights[site][i] / fisher[site][i].sum().clamp_min(tiny))
+                                    .sqrt()[:, None], reader, relative=False)
+                   for i, reader in enumerate(readers))
+
     curves = {site: [] for site in SITES}
     scales = {site: [] for site in SITES} if options.scaling else {}
     for site, producer_site, producer_index in (("h2", "h1", 2), ("h4", "h3", 1)):
@@ -246,10 +280,10 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
             else:
                 scales[site].append(scale)
             weight, inputs = scale_input(weight, scale), inputs * scale
-            if fisher is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
+            if sensitivity is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
                 readers = weights[producer_site]
                 readers[producer_index] = readers[producer_index] * scales[site][0][:, None]
-        curves[site].append(topk_error_curve(inputs, weight, relative=relative))
+        curves[site].append(curve(site, inputs, [weight]))
     for site, norm in (("h1", layer_adapter.attn_input_norm), ("h3", layer_adapter.mlp_input_norm)):
         norm_scale = layer_adapter.norm_scale(norm).double().cpu()
         for rotation in rotations:
@@ -259,8 +293,8 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
                 scale = column_scale(readers)
                 scales[site].append(scale)
                 inputs, readers = inputs * scale, [scale_input(w, scale) for w in readers]
-            curves[site].append(topk_error_curve(inputs, torch.cat(readers), relative=relative))
-    return LayerCalibration(rotations, curves, scales)
+            curves[site].append(curve(site, inputs, readers))
+    return LayerCalibration(rotations, curves, scales, rotation_weights)
 
 
 def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
@@ -275,33 +309,56 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
            rounds: int = 3) -> tuple[list[int], tuple]:
     """Per layer, the candidate rotation index; and K per site per layer.
 
-    The rotation with the smallest h1 + h3 error at the current K wins; with error allocation, K is then
-    re-allocated for the chosen rotations, and the two steps repeat (at most `rounds` times) until stable.
+    First the rotation with the smallest h1 + h3 error at uniform K wins. With error allocation, K is then
+    allocated for the chosen rotations at a price per kept weight, and each layer re-chooses the rotation
+    with the smallest h1 + h3 error plus price x weights (its best K for each, and with `charge_rotations`
+    the weights the rotation adds); the two steps repeat (at most `rounds` times) until stable.
     """
     keep_k = allocate_keep_k(site_sizes, sparsity, coefficients)
     layers = calibration.layers
-    choice = [0] * len(layers)
+    options = calibration.options
+    choice, price = [0] * len(layers), None
     for round_index in range(rounds):
         previous = choice
-        choice = [min(range(len(layer.rotations)),
-                      key=lambda r: float(layer.curves["h1"][r][k[0]] + layer.curves["h3"][r][k[2]]))
-                  if len(layer.rotations) > 1 else 0 for layer, k in zip(layers, keep_k)]
-        if calibration.options.allocation != "error" or (round_index > 0 and choice == previous):
+        choice = [_choose_rotation(layer, k, sizes, price, options.charge_rotations)
+                  for layer, k, sizes in zip(layers, keep_k, site_sizes)]
+        if options.allocation != "error" or (round_index > 0 and choice == previous):
             break
         curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
                   for i, layer in enumerate(layers)]
-        keep_k = allocate_by_error(curves, site_sizes, sparsity)
+        keep_k, price = allocate_by_error(curves, site_sizes, sparsity)
     return choice, keep_k
 
 
-def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes, sparsity: float) -> tuple[tuple[int, ...], ...]:
-    """K per site per layer minimising sum of curves[l][s][K] with parameter-weighted sparsity >= `sparsity`.
+def _choose_rotation(layer: LayerCalibration, keep_k, sizes, price: float | None, charge: bool) -> int:
+    """Index of the candidate rotation with the smallest h1 + h3 error: at `keep_k` without a price, else
+    at each candidate's own best K for that price per kept weight, plus the rotation's weights if `charge`."""
+    if len(layer.rotations) == 1:
+        return 0
+
+    def cost(index: int) -> float:
+        if price is None:
+            return float(layer.curves["h1"][index][keep_k[0]] + layer.curves["h3"][index][keep_k[2]])
+        total = 0.0
+        for site, (width, params) in (("h1", sizes[0]), ("h3", sizes[2])):
+            curve = layer.curves[site][index]
+            total += float((curve + price * params / width * torch.arange(width + 1, dtype=torch.float64)).min())
+        rotated = layer.rotations[index] is not None
+        return total + (price * layer.rotation_weights if charge and rotated else 0.0)
+
+    return min(range(len(layer.rotations)), key=cost)
+
+
+def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
+                      sparsity: float) -> tuple[tuple[tuple[int, ...], ...], float]:
+    """K per site per layer minimising sum of curves[l][s][K] with parameter-weighted sparsity >= `sparsity`,
+    and the price per kept weight at that budget.
 
     Lagrangian: for a price lam per kept parameter, each site independently takes argmin_K e(K) + lam * K *
     params/width; lam is bisected to the budget, then columns are given back greedily while they fit.
     """
     if sparsity == 0:
-        return tuple(tuple(width for width, _ in layer) for layer in site_sizes)
+        return tuple(tuple(width for width, _ in layer) for layer in site_sizes), 0.0
     flat = [(curve, width, params / width) for layer_curves, layer in zip(curves, site_sizes)
             for curve, (width, params) in zip(layer_curves, layer)]
     total = sum(params for layer in site_sizes for _, params in layer)
@@ -332,7 +389,7 @@ def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes, sparsity: fl
         keep[index] += 1
         used += flat[index][2]
     iterator = iter(keep)
-    return tuple(tuple(next(iterator) for _ in layer) for layer in site_sizes)
+    return tuple(tuple(next(iterator) for _ in layer) for layer in site_sizes), high
 
 
 # weight surgery ----------------------------------------------------------------------------------

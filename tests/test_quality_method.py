@@ -7,7 +7,8 @@ import rotsparse
 from rotsparse.adapters import get_adapter
 from rotsparse.api import calibrate, site_sizes_for
 from rotsparse.config import SITES, SparsifyConfig
-from rotsparse.methods import AutoOptions, allocate_by_error, fold_rotations, fold_scales
+from rotsparse.methods import (AutoOptions, Calibration, LayerCalibration, allocate_by_error, choose,
+                               fold_rotations, fold_scales)
 from rotsparse.rotation import column_scale, expand_head_scale, grouped_head_scale, topk_error_curve
 from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
 
@@ -92,11 +93,27 @@ def test_error_allocation_meets_the_budget_and_follows_the_errors():
     costly = 1 - keep / 100
     curves = [[costly, (1 - torch.arange(51.0, dtype=torch.float64) / 50), cheap,
                (1 - torch.arange(201.0, dtype=torch.float64) / 200)]] * 2
-    keep_k = allocate_by_error(curves, [sizes] * 2, 0.5)
+    keep_k, price = allocate_by_error(curves, [sizes] * 2, 0.5)
+    assert price > 0
     total = 2 * sum(p for _, p in sizes)
     kept = sum(k * p / w for layer in keep_k for k, (w, p) in zip(layer, sizes))
     assert 0.5 <= 1 - kept / total <= 0.5 + max(p / w for w, p in sizes) / total
     assert keep_k[0][2] < keep_k[0][0], "the site with the cheaper error curve must be sparser"
+
+
+def test_a_rotation_must_pay_for_the_weights_it_adds():
+    """Two layers whose rotation lowers the h1/h3 error a little (5%) or a lot (60%): charged for its weights
+    at the allocation's price, only the second keeps its rotation; uncharged, both do."""
+    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
+    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    layers = []
+    for gain in (0.95, 0.4):
+        curves = {"h1": [base, gain * base], "h2": [base], "h3": [base, gain * base], "h4": [base]}
+        layers.append(LayerCalibration([None, torch.eye(4, dtype=torch.float64)], curves, {}, rotation_weights=10000))
+    for charge, expected in ((True, [0, 1]), (False, [1, 1])):
+        calibration = Calibration("auto", AutoOptions(charge_rotations=charge), layers, 0, 0.0, 0.0)
+        choice, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
+        assert choice == expected, charge
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -148,22 +165,23 @@ def test_error_curve_of_a_wide_reader_matches_brute_force():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_output_fisher_is_the_mean_squared_loss_gradient_of_each_output(family):
-    """Checked against an independent route: a zero perturbation added to one linear's output, differentiated."""
-    from rotsparse.calibration import output_fisher
+def test_loss_sensitivity_is_the_squared_loss_gradient_of_each_output(family):
+    """Checked against an independent route: a zero perturbation added to one linear's output, differentiated.
+    Fisher = mean over real tokens of squared gradients per output; token energy = per-token sum over outputs."""
+    from rotsparse.calibration import loss_sensitivity
 
     model = tiny_model(family)
-    tokens = random_tokens(num_sequences=2, length=16)
+    tokens = random_tokens(num_sequences=3, length=16)
     mask = torch.ones_like(tokens)
     mask[1, 12:] = 0  # padding does not count
     adapter = get_adapter(model)
-    fisher = output_fisher(model, adapter, tokens, mask, progress=False)
-    assert len(fisher) == len(adapter.layers)
-    assert [len(fisher[0][site]) for site in SITES] == [3, 1, 2, 1]
+    sensitivity = loss_sensitivity(model, adapter, tokens, mask, progress=False, max_sequences=2)
+    assert sensitivity.sequences == 2 and len(sensitivity.fisher) == len(adapter.layers)
+    assert [len(sensitivity.fisher[0][site]) for site in SITES] == [3, 1, 2, 1]
     assert all(p.grad is None for p in model.parameters()), "no parameter gradients are kept"
 
     linear = adapter.layer_adapters()[1].gate_up[1]
-    squares, count = torch.zeros(linear.out_features, dtype=torch.float64), 0
+    squares, count, energy = torch.zeros(linear.out_features, dtype=torch.float64), 0, torch.zeros(2, 16)
     for row in range(2):
         delta = torch.zeros(1, 16, linear.out_features, requires_grad=True)
         handle = linear.register_forward_hook(lambda module, args, output: output + delta)
@@ -174,9 +192,38 @@ def test_output_fisher_is_the_mean_squared_loss_gradient_of_each_output(family):
         (grad,) = torch.autograd.grad(loss, delta)
         real = mask[row].bool()
         squares += grad[0][real].double().pow(2).sum(0)
+        energy[row] = grad[0].pow(2).sum(-1) * real
         count += int(real.sum())
-    assert torch.allclose(fisher[1]["h3"][1], squares / count, rtol=1e-4, atol=1e-12)
-    assert fisher[1]["h3"][1].sum() > 0
+    assert torch.allclose(sensitivity.fisher[1]["h3"][1], squares / count, rtol=1e-4, atol=1e-12)
+    assert sensitivity.fisher[1]["h3"][1].sum() > 0
+    assert sensitivity.token_energy[1]["h3"][1].shape == (2, 16)
+    assert torch.allclose(sensitivity.token_energy[1]["h3"][1].float(), energy, rtol=1e-4, atol=1e-12)
+    assert (sensitivity.token_energy[1]["h3"][1][1, 12:] == 0).all()
+
+
+def test_loss_weighted_error_curves_weigh_every_token_and_output_of_every_reader():
+    """curve(K) = mean_t sum_readers a_rt * sum_i (f_ri / sum f_r) * (W_r r_t(K))_i^2: a_rt the token's gradient
+    energy at reader r, f_r its Fisher, r_t(K) what Top-K drops from row t (checked at the exact grid points)."""
+    from rotsparse.methods import _calibrate_layer
+
+    layer_adapter = get_adapter(tiny_model("llama")).layer_adapters()[0]
+    modules = layer_adapter.site_modules()
+    torch.manual_seed(0)
+    rows = {site: torch.randn(40, modules[site][0].in_features, dtype=torch.float64) for site in SITES}
+    fisher = {site: [torch.rand(m.out_features, dtype=torch.float64) for m in readers] for site, readers in modules.items()}
+    token_weights = {site: [torch.rand(40, dtype=torch.float64) for _ in readers] for site, readers in modules.items()}
+    result = _calibrate_layer(layer_adapter, torch.eye(rows["h1"].shape[1], dtype=torch.float64), rows,
+                              AutoOptions(rotations=("identity",), scaling=False), (fisher, token_weights))
+    norm_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double()
+    for site in ("h1", "h4"):
+        width = rows[site].shape[1]
+        for k in torch.unique(torch.linspace(0, width, 33).round().long()).tolist():
+            dropped = rows[site] - keep_topk(rows[site], k)
+            brute = 0.0
+            for f, a, module in zip(fisher[site], token_weights[site], modules[site]):
+                weight = module.weight.double() * (norm_scale if site == "h1" else 1.0)
+                brute += (a[:, None] * f / f.sum() * (dropped @ weight.T).pow(2)).sum() / len(dropped)
+            assert torch.isclose(result.curves[site][0][k], torch.as_tensor(brute), rtol=1e-4), (site, k)
 
 
 def test_loss_weighted_calibration_folds_its_own_scales_exactly():
