@@ -5,21 +5,26 @@ rotations, Top-K error curves); ``apply`` turns them into folded weights and a `
 requested sparsity, so one calibration serves every sparsity.
 
 ``auto`` (the default):
-  0. Loss sensitivity: the diagonal empirical Fisher of every site linear's outputs (mean squared gradient
-     of the next-token loss, `calibration.loss_sensitivity`), so that an output error e costs about
-     sum(fisher * e^2) in loss; per token, weighted by that token's own gradient energy. Every error and column norm below is measured in these units, which makes
-     errors comparable across sites and layers (unweighted relative errors were not: ``auto-unweighted``
-     in eval/ only matched plain Top-K).
+  0. Loss sensitivity (`calibration.loss_sensitivity`, 4 calibration sequences): per site linear output,
+     the mean squared gradient of the next-token loss (diagonal empirical Fisher), and per token the
+     squared gradient norm. An error e_t of token t at a linear's output costs about
+     a_t * sum_i (fisher_i / sum(fisher)) * e_ti^2 in loss (a_t that token's gradient energy): tokens whose
+     loss barely reacts (e.g. the large-norm rows behind Gemma-3's post-norms) do not dominate the errors.
+     Every error below is in these units, comparable across sites and layers (unweighted relative errors
+     were not: ``auto-unweighted`` only matched plain Top-K; averaging over tokens before multiplying,
+     the previous version, made ``auto`` worse than Top-K on Gemma-3).
   1. Weight-aware selection at zero run-time cost (WINA): every site's input is multiplied by the
-     (loss-weighted) column norms c of the linears reading it, and those linears by diag(1/c); Top-K on
-     |x * c| then keeps the channels that move the loss most. The scale lives in the pre-norm weight (h1, h3),
-     in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
+     (sqrt(fisher)-weighted) column norms c of the linears reading it, and those linears by diag(1/c);
+     Top-K on |x * c| then keeps the channels that move the loss most. The scale lives in the pre-norm
+     weight (h1, h3), in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
   2. Per-layer residual basis: identity, PCA of the normalised attention input, or PCA of the norm's
-     output (scale included), whichever gives the smaller calibrated Top-K error at h1 + h3 at its K.
-     Identity layers next to each other need no residual adapter, and none is attached.
+     output (scale included). First the smallest h1 + h3 error at uniform K wins; after each allocation,
+     the smallest error plus price x weights, where a rotation also pays for the weights it adds at run
+     time (residual adapter; output rotations after post-norms). Identity layers next to each other
+     need no residual adapter, and none is attached.
   3. K per site per layer minimising the sum of calibrated errors under the parameter-weighted budget
-     (Lagrangian on exact error curves), unless `site_coefficients` is given; 2 and 3 alternate until the
-     rotation choice is stable.
+     (Lagrangian on exact error curves; its multiplier is the price per weight in 2), unless
+     `site_coefficients` is given; 2 and 3 alternate until the rotation choice is stable.
 ``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
 ``topk``: magnitude Top-K on the unchanged model, no calibration.
 """
