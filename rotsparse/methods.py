@@ -344,14 +344,17 @@ def _choose_rotation(layer: LayerCalibration, keep_k, sizes, price: float | None
     def cost(index: int) -> float:
         if price is None:
             return float(layer.curves["h1"][index][keep_k[0]] + layer.curves["h3"][index][keep_k[2]])
-        total = 0.0
-        for site, (width, params) in (("h1", sizes[0]), ("h3", sizes[2])):
-            curve = layer.curves[site][index]
-            total += float((curve + price * params / width * torch.arange(width + 1, dtype=torch.float64)).min())
+        total = sum(float((layer.curves[site][index] + price * _weights_kept(*size)).min())
+                    for site, size in (("h1", sizes[0]), ("h3", sizes[2])))
         rotated = layer.rotations[index] is not None
         return total + (price * layer.rotation_weights if charge and rotated else 0.0)
 
     return min(range(len(layer.rotations)), key=cost)
+
+
+def _weights_kept(width: int, params: int) -> torch.Tensor:
+    """Weights a site keeps at K = 0..width: K * params / width, (width + 1,) float64."""
+    return (params / width) * torch.arange(width + 1, dtype=torch.float64)
 
 
 def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
@@ -364,17 +367,16 @@ def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
     """
     if sparsity == 0:
         return tuple(tuple(width for width, _ in layer) for layer in site_sizes), 0.0
-    flat = [(curve, width, params / width) for layer_curves, layer in zip(curves, site_sizes)
-            for curve, (width, params) in zip(layer_curves, layer)]
+    flat = [(curve, width, params / width, _weights_kept(width, params))
+            for layer_curves, layer in zip(curves, site_sizes) for curve, (width, params) in zip(layer_curves, layer)]
     total = sum(params for layer in site_sizes for _, params in layer)
     budget = (1.0 - sparsity) * total
 
     def pick(lam: float) -> list[int]:
-        return [int(torch.argmin(curve + lam * per_column * torch.arange(width + 1, dtype=torch.float64)))
-                for curve, width, per_column in flat]
+        return [int(torch.argmin(curve + lam * kept_weights)) for curve, _, _, kept_weights in flat]
 
     def kept(keep: list[int]) -> float:
-        return sum(k * per_column for k, (_, _, per_column) in zip(keep, flat))
+        return sum(k * per_column for k, (_, _, per_column, _) in zip(keep, flat))
 
     low, high = 0.0, 1.0
     while kept(pick(high)) > budget:
@@ -386,7 +388,7 @@ def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
     used = kept(keep)
     while True:
         gains = [(float(curve[k] - curve[k + 1]) / per_column, index)
-                 for index, (k, (curve, width, per_column)) in enumerate(zip(keep, flat))
+                 for index, (k, (curve, width, per_column, _)) in enumerate(zip(keep, flat))
                  if k < width and used + per_column <= budget]
         if not gains:
             break
