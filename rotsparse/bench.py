@@ -91,10 +91,13 @@ def _prefilled(model: nn.Module, prompt: torch.Tensor, layers_only: bool):
 
 
 def _step_ms(runner: nn.Module, token: torch.Tensor, cache) -> float:
-    """One timed single-token decode step (ms)."""
+    """One timed single-token decode step (ms); on an accelerator, from launch until the step has finished."""
+    synchronize = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
+        synchronize()
         start = time.perf_counter()
         runner(input_ids=token, past_key_values=cache, use_cache=True)
+        synchronize()
         return (time.perf_counter() - start) * 1000
 
 
@@ -121,6 +124,7 @@ class DecodeBenchmark:
     bytes_limit_speedup: float
     layers_bytes_limit_speedup: float
     dtype: str
+    device: str
     tokens: int
     repeats: int
     threads: int
@@ -143,6 +147,7 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
     plan = plan_of(sparse)
     vocab = dense.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(dense.get_input_embeddings().weight.device)
     models = {"dense": dense, "sparse": sparse} | ({"kernel_dense": kernel_dense} if kernel_dense else {})
     for model in models.values():
         _decode_ms_per_token(model, prompt, warmup_tokens, layers_only=False)
@@ -181,7 +186,7 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         effective_sparsity=plan.effective_sparsity,
         bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
         layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],
-        dtype=str(dtype).removeprefix("torch."), tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
+        dtype=str(dtype).removeprefix("torch."), device=str(prompt.device), tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
     )
 
 

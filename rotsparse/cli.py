@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=64, help="decode steps per repeat (default 64)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported (default 5)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--device", default="cpu", help="where both models run, e.g. cpu or cuda (default cpu)")
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     recover = commands.add_parser("recover", help="Q-Sparse recovery training of a sparsified model")
@@ -193,11 +194,12 @@ def bench_command(args) -> dict:
     settings = {"sparsity": args.sparsity} | ({"method": args.method} if args.method else {})
     if args.model.startswith("synthetic:"):
         dense = synthetic_model(args.model.removeprefix("synthetic:"), num_layers=args.layers, dtype=dtype)
+        dense.to(args.device)
         sparse = structural_sparse_copy(dense, SparsifyConfig(**settings))
     else:
         from .models import load_model
 
-        dense, tokenizer = load_model(args.model, dtype=dtype)
+        dense, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
         if args.layers is not None:
             del dense.model.layers[args.layers:]
             dense.config.num_hidden_layers = args.layers

@@ -4,6 +4,7 @@ The first test that needs the C++ kernel JIT-compiles it (~15-40 s on 2 cores,
 cached by torch afterwards).
 """
 
+import importlib.util
 import shutil
 
 import pytest
@@ -314,16 +315,88 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(576, 1536), (1000, 37), (4096, 11008)], ids=str)
-def test_cuda_path(dtype, shape):
+@pytest.mark.parametrize("shape", [(576, 1536), (1000, 37), (13, 5), (4096, 11008), (11008, 4096)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cuda_path(dtype, shape, with_bias):
     n_in, n_out = shape
     x = distinct_x(n_in, dtype, seed=2).cuda()
     w = make_weight(n_in, n_out, dtype).cuda()
-    b = torch.randn(n_out).to(dtype).cuda()
-    for k in [0, 1, n_in // 2, n_in]:
+    b = torch.randn(n_out).to(dtype).cuda() if with_bias else None
+    for k in [0, 1, n_in // 3, n_in // 2, n_in - 1, n_in]:
         y = topk_gemv(x, w, b, k)
         assert y.device.type == "cuda" and y.dtype == dtype and y.shape == (n_out,)
-        assert_close_to_ref(y.cpu(), reference(x.cpu(), w.cpu(), b.cpu(), k), dtype)
+        assert_close_to_ref(y.cpu(), reference(x.cpu(), w.cpu(), None if b is None else b.cpu(), k), dtype)
+        indices = topk_indices(x, k)
+        assert torch.equal(indices.cpu(), topk_indices(x.cpu(), k)), k  # distinct |x|: one right answer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_selection_keeps_exactly_k_with_ties_and_zeros(dtype):
+    x = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, -2.0, 0.0, 0.0, -0.0], dtype=dtype).cuda()
+    for k in range(x.numel() + 1):
+        indices = topk_indices(x, k).cpu()
+        assert indices.numel() == k and torch.equal(indices, indices.sort().values)
+        assert indices.unique().numel() == k
+        kept = x.cpu().abs()[indices]
+        dropped = x.cpu().abs()[[i for i in range(x.numel()) if i not in set(indices.tolist())]]
+        assert kept.numel() == 0 or dropped.numel() == 0 or kept.min() >= dropped.max(), k
+    x = torch.randn(4096).to(dtype).cuda().round()  # many ties in the 4096 entries
+    for k in [1, 100, 2048, 4095]:
+        indices = topk_indices(x, k).cpu()
+        assert indices.numel() == k and indices.unique().numel() == k
+        torch.testing.assert_close(x.cpu().abs()[indices].sort().values,
+                                   x.cpu().abs().topk(k).values.sort().values)
+
+
+def _triton_version() -> tuple:
+    if importlib.util.find_spec("triton") is None:
+        return ()
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(_triton_version() < (3, 9), reason="needs Triton >= 3.9: older interpreters cannot run loops "
+                    "whose bounds come from program ids (the compiled kernels are tested on CUDA)")
+def test_triton_kernels_in_the_interpreter():
+    """The Triton selection + gather kernels on CPU tensors through Triton's interpreter (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from rotsparse.kernels import topk_mask
+        from rotsparse.kernels.triton_gemv import topk_gemv_triton, topk_indices_triton
+        g = torch.Generator().manual_seed(0)
+        for n_in, n_out in [(300, 200), (1000, 37), (64, 5)]:
+            x = torch.randn(n_in, generator=g)
+            w = torch.randn(n_in, n_out, generator=g) / n_in**0.5
+            b = torch.randn(n_out, generator=g)
+            for k in [0, 1, n_in // 3, n_in - 1, n_in]:
+                for bias in (None, b):
+                    y = topk_gemv_triton(x, w, bias, k)
+                    ref = topk_mask(x.double(), k) @ w.double() + (0 if bias is None else bias.double())
+                    assert (y.double() - ref).abs().max() < 1e-4, (n_in, n_out, k)
+                if 0 < k < n_in:
+                    assert torch.equal(topk_indices_triton(x, k), x.abs().topk(k).indices.sort().values)
+        for dtype in (torch.bfloat16, torch.float16):  # radix search over the bits the dtype has
+            x = (torch.randn(4096, generator=g) * torch.exp(3 * torch.randn(4096, generator=g))).to(dtype)
+            for k in [1, 1365, 2048, 4095]:
+                kept = x.float().abs()[topk_indices_triton(x, k)]
+                assert torch.equal(kept.sort().values, x.float().abs().topk(k).values.sort().values), (dtype, k)
+        x = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, -2.0, 0.0, 0.0, -0.0])
+        assert topk_indices_triton(x, 3).tolist() == [1, 2, 4]  # ties kept in index order
+        assert topk_indices_triton(x, 7).tolist() == [0, 1, 2, 3, 4, 5, 6]
+        print("OK")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
 def test_build_failure_warns_once_and_falls_back(tmp_path):

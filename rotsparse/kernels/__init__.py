@@ -13,7 +13,8 @@ Backends (picked per call, see :func:`kernel_backend`):
 * ``"cpp"``    -- CPU: fused select + gather-GEMV in C++/OpenMP (AVX-512 when
   the compiler targets it), JIT-compiled on first use with
   ``torch.utils.cpp_extension.load`` and cached by torch.
-* ``"triton"`` -- CUDA: ``torch.topk`` + a Triton gather-accumulate kernel.
+* ``"triton"`` -- CUDA: a Triton selection kernel (exact Top-K by bisection on
+  the bits of |x|) + a Triton gather-accumulate kernel.
 * ``"torch"``  -- pure PyTorch fallback (correct, slower); used when the C++
   build fails (one warning says why), when Triton is missing, or for dtypes
   the native kernels do not handle.
@@ -295,6 +296,12 @@ def _topk_indices_dispatch(x: Tensor, keep_k: int) -> Tensor:
         ext = _cpp_ext()
         if ext is not None:
             return ext.topk_indices(x1, int(keep_k))
+    elif x1.device.type == "cuda" and x1.dtype in _NATIVE_DTYPES and _triton_available():
+        from .triton_gemv import topk_indices_triton
+
+        indices = topk_indices_triton(x1.contiguous(), int(keep_k))
+        if indices is not None:
+            return indices
     if keep_k == n:
         return torch.arange(n, device=x.device)
     return x1.abs().topk(int(keep_k), sorted=False).indices.sort().values
