@@ -102,7 +102,8 @@ def bench_shape(n_in, n_out, dtype, sparsities, reps, pool_bytes):
 
 
 def sweep_configs(dtypes, reps: int, pool_bytes: int, sparsity: float = 0.5) -> list[str]:
-    """Graph-replayed time of the gather kernel alone for a grid of tiles; one table row per (shape, tile)."""
+    """Graph-replayed time of the gather kernel alone for a grid of tiles, and of the selection kernel for a few
+    warp counts: table rows (each printed too for the selection and for the best tile of each shape)."""
     from itertools import product
 
     import triton
@@ -121,6 +122,7 @@ def sweep_configs(dtypes, reps: int, pool_bytes: int, sparsity: float = 0.5) -> 
             k = int(round(n_in * (1.0 - sparsity)))
             idx = [topk_indices(x, k) for x in xs]
             grid = product((512, 1024), (16, 32, 64), (4, 8), (4, 8), (1, 3))
+            best = None
             for config in (GatherConfig(*c) for c in grid):
                 calls = [lambda i=i, c=config: index_gemv_triton(xs[i], idx[i], w_t[i], None, c)
                          for i in range(n_buf)]
@@ -129,15 +131,18 @@ def sweep_configs(dtypes, reps: int, pool_bytes: int, sparsity: float = 0.5) -> 
                         t = time_calls(calls, reps, graph=True)
                 except triton.runtime.errors.OutOfResources:
                     continue
+                best = min(best or (t, config), (t, config))
                 rows.append(f"| {n_in}x{n_out} | {dt_name} | {config.block_n} | {config.block_k} | "
                             f"{config.num_warps} | {config.programs_per_sm} | {config.num_stages} | {t * 1e6:.1f} | "
                             f"{k * n_out * es / t / 1e9:.0f} | {'yes' if config == default_config(dtype) else ''} |")
             del w_t
+            print(f"best tile {n_in}x{n_out} {dt_name}: {best[1]}, {best[0] * 1e6:.1f} us", flush=True)
             for warps in (8, 16, 32):  # the selection kernel's warps
                 calls = [lambda i=i, w=warps: select_triton(xs[i], k, None, 0, num_warps=w) for i in range(n_buf)]
                 with torch.inference_mode():
                     t = time_calls(calls, reps, graph=True)
                 rows.append(f"| {n_in}x{n_out} | {dt_name} | selection, {warps} warps | | | | | {t * 1e6:.1f} | | |")
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -147,7 +152,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default="eval/results/kernel_bench_cuda.md")
-    ap.add_argument("--sweep", default=None, help="also time a grid of gather tiles (first dtype only); write that table here")
+    ap.add_argument("--sweep", default=None,
+                    help="also time a grid of gather tiles (first dtype only); write that table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernel_cuda.py needs a CUDA GPU")
@@ -209,19 +215,8 @@ def main(argv=None):
     print(f"wrote {out}")
     if args.sweep:
         rows = sweep_configs(args.dtypes[:1], max(10, args.reps // 2), pool)
-        Path(args.sweep).write_text("\n".join(["# Gather tile sweep (s = 0.5, CUDA graph replay)", ""] + header + rows)
-                                    + "\n")
-        best = {}
-        for row in rows[2:]:
-            cells = [c.strip() for c in row.strip("|").split("|")]
-            if cells[2].startswith("selection"):
-                print(row)
-                continue
-            key = (cells[0], cells[1])
-            if key not in best or float(cells[7]) < float(best[key][7]):
-                best[key] = cells
-        for key, cells in best.items():
-            print("best tile", key, cells[2:9])
+        title = ["# Gather tile sweep (s = 0.5, CUDA graph replay)", ""]
+        Path(args.sweep).write_text("\n".join(title + header + rows) + "\n")
         print(f"wrote {args.sweep}")
 
 

@@ -186,7 +186,8 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         effective_sparsity=plan.effective_sparsity,
         bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
         layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],
-        dtype=str(dtype).removeprefix("torch."), device=str(prompt.device), tokens=tokens, repeats=repeats, threads=torch.get_num_threads(),
+        dtype=str(dtype).removeprefix("torch."), device=str(prompt.device), tokens=tokens, repeats=repeats,
+        threads=torch.get_num_threads(),
     )
 
 

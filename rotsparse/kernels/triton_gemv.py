@@ -48,7 +48,9 @@ class GatherConfig(NamedTuple):
 
 
 def default_config(dtype: torch.dtype) -> GatherConfig:
-    """Tile measured best on an H100 for Llama-2-7B shapes (eval/results/gather_sweep_cuda.md)."""
+    """Tile for Llama-2-7B shapes on an H100: the best of a first sweep over 128-512 columns (bf16,
+    eval/results/gather_sweep_cuda_first.md). The later sweep (gather_sweep_cuda.md) found 1024 columns ~13%
+    faster; not adopted yet, since the committed kernel_bench_cuda.md was measured with this tile."""
     return GatherConfig(block_n=512 if dtype.itemsize == 2 else 128, block_k=32, num_warps=4, programs_per_sm=4)
 
 
@@ -220,23 +222,24 @@ def select_triton(x1: Tensor, keep_k: int, bias: Optional[Tensor], n_out: int,
     return idx, acc
 
 
+def _selects(n_in: int, keep_k: int) -> bool:
+    """Whether `select_triton` handles this width and K (the others need no selection, or are too wide)."""
+    return 0 < keep_k < n_in <= MAX_SELECT_WIDTH
+
+
 def topk_gemv_triton(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int,
                      config: Optional[GatherConfig] = None) -> Tensor:
     """Top-K selection + gather-GEMV for one token on CUDA (two launches, see the module docstring)."""
     n_in, n_out = weight_t.shape
     x1 = x.reshape(n_in).contiguous()
-    if 0 < keep_k < n_in and n_in <= MAX_SELECT_WIDTH:
-        idx, acc = select_triton(x1, keep_k, bias, n_out)
-    else:
-        if keep_k >= n_in:  # dense: cuBLAS reads the (in, out) layout at full bandwidth
-            y = x1.unsqueeze(0) @ weight_t
-            y = y if bias is None else y + bias
-            return y.reshape(*x.shape[:-1], n_out)
-        if keep_k == 0:
-            idx = torch.empty(0, dtype=torch.long, device=x.device)
-        else:
-            idx = x1.abs().topk(keep_k, sorted=False).indices.sort().values
-        acc = _init_accumulator(bias, n_out, x.device)
+    if keep_k >= n_in:  # dense: cuBLAS reads the (in, out) layout at full bandwidth
+        y = x1.unsqueeze(0) @ weight_t
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], n_out)
+    if not _selects(n_in, keep_k):  # K = 0, or wider than the selection kernel takes
+        idx = x1.abs().topk(keep_k, sorted=False).indices.sort().values
+        return index_gemv_triton(x, idx, weight_t, bias, config)
+    idx, acc = select_triton(x1, keep_k, bias, n_out)
     _gather(x1, idx, weight_t, acc, config or default_config(x.dtype))
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
@@ -244,10 +247,7 @@ def topk_gemv_triton(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k
 def topk_indices_triton(x1: Tensor, keep_k: int) -> Optional[Tensor]:
     """The K largest |x1| (ascending indices) through the selection kernel; x1 (in,) contiguous.
     None where the kernel does not apply (K = 0, K = in, in > MAX_SELECT_WIDTH)."""
-    n_in = x1.numel()
-    if not 0 < keep_k < n_in or n_in > MAX_SELECT_WIDTH:
-        return None
-    return select_triton(x1, keep_k, None, 0)[0]
+    return select_triton(x1, keep_k, None, 0)[0] if _selects(x1.numel(), keep_k) else None
 
 
 def cdiv(a: int, b: int) -> int:
