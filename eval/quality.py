@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "wina+alloc": ("auto", AutoOptions(rotations=("identity",)), None),
     "wina+rot+larosa-coef": ("auto", AutoOptions(allocation="uniform"), LAROSA_COEFFICIENTS),
     "auto-pca-only": ("auto", AutoOptions(rotations=("identity", "pca")), None),
+    "auto-no-global": ("auto", AutoOptions(rotations=("identity", "pca", "pca_scaled")), None),
+    "wina+global": ("auto", AutoOptions(rotations=("global",)), None),
     "auto-unweighted": ("auto", AutoOptions(loss_weighted=False), None),
     "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
     "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False), None),

@@ -147,6 +147,35 @@ class SecondMoment:
         return self.sum / self.tokens
 
 
+def stream_second_moment(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, max_sequences: int = 4) -> torch.Tensor:
+    """Mean over decoder layers of the second moment of each layer's normalised attention input (d, d) float64.
+
+    The statistics of one model-level basis shared by every layer (the ``global`` rotation of ``auto``):
+    one forward pass over the first `max_sequences` calibration sequences (n, seq), real tokens only.
+    """
+    input_ids = input_ids[:max_sequences]
+    attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
+    total = None
+    for step in layerwise(model, adapter, input_ids, attention_mask, progress=False):
+        layer_adapter = adapter.layer_adapter_class(step.layer)
+        norm = layer_adapter.attn_input_norm
+        eps = layer_adapter.norm_eps(norm)
+        moment = SecondMoment(norm.weight.shape[-1])
+        masks = iter(step.token_mask)  # `run` feeds the sequences in this order
+
+        def hook(module, args, moment=moment, masks=masks, eps=eps):
+            moment.add(normalized_rows(args[0][next(masks)], eps))
+
+        handle = norm.register_forward_pre_hook(hook)
+        try:
+            step.outputs = step.run()
+        finally:
+            handle.remove()
+        total = moment.mean if total is None else total + moment.mean
+    return total / len(adapter.layers)
+
+
 @dataclass
 class LossSensitivity:
     """How much the next-token loss moves when a site linear's output moves, per layer, site and reader

@@ -17,11 +17,13 @@ requested sparsity, so one calibration serves every sparsity.
      (sqrt(fisher)-weighted) column norms c of the linears reading it, and those linears by diag(1/c);
      Top-K on |x * c| then keeps the channels that move the loss most. The scale lives in the pre-norm
      weight (h1, h3), in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
-  2. Per-layer residual basis: identity, PCA of the normalised attention input, or PCA of the norm's
-     output (scale included). First the smallest h1 + h3 error at uniform K wins; after each allocation,
-     the smallest error plus price x weights, where a rotation also pays for the weights it adds at run
-     time (residual adapter; output rotations after post-norms). Identity layers next to each other
-     need no residual adapter, and none is attached.
+  2. Per-layer residual basis: identity, one model-level basis shared by all layers (``global``: PCA of
+     the normalised attention inputs averaged over layers), PCA of the layer's normalised attention
+     input, or PCA of its norm's output (scale included). First the smallest h1 + h3 error at uniform K
+     wins; after each allocation, the chain of bases with the smallest error plus price x weights over
+     all layers (dynamic programming): a residual adapter (d x d) is paid only where two neighbouring
+     layers' bases differ, so identity or global runs of layers cost nothing; output rotations after
+     post-norms are paid by every rotated layer.
   3. K per site per layer minimising the sum of calibrated errors under the parameter-weighted budget
      (Lagrangian on exact error curves; its multiplier is the price per weight in 2), unless
      `site_coefficients` is given; 2 and 3 alternate until the rotation choice is stable.
@@ -39,7 +41,8 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, ModelAdapter
-from .calibration import LossSensitivity, SecondMoment, layerwise, loss_sensitivity, normalized_rows
+from .calibration import (LossSensitivity, SecondMoment, layerwise, loss_sensitivity, normalized_rows,
+                          stream_second_moment)
 from .config import SITES, SparsifyConfig
 from .offload import materialized
 from .rotation import (
@@ -64,16 +67,17 @@ CALIBRATED_METHODS = ("auto", "larosa")
 class AutoOptions:
     """Switches of the ``auto`` pipeline (the defaults are ``auto``; the others exist for ablations).
 
-    rotations: candidate residual bases per layer, from "identity", "pca" (normalised attention input),
-        "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
+    rotations: candidate residual bases per layer, from "identity", "global" (one basis for every layer: PCA
+        of the normalised attention inputs averaged over layers), "pca" (the layer's normalised attention
+        input), "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
     allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
-    charge_rotations: with error allocation, a rotated layer pays for the weights its rotation adds at run
-        time (residual adapter, output rotations) at the allocation's price per kept weight.
+    charge_rotations: with error allocation, rotations pay for the weights they add at run time (residual
+        adapters where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
     loss_weighted: weigh every linear output by its loss sensitivity (`loss_sensitivity`), in the WINA scales
         and in the errors, which are then absolute (comparable across sites and layers); else relative.
     """
 
-    rotations: tuple[str, ...] = ("identity", "pca", "pca_scaled")
+    rotations: tuple[str, ...] = ("identity", "global", "pca", "pca_scaled")
     scaling: bool = True
     allocation: str = "error"
     loss_weighted: bool = True
@@ -84,19 +88,22 @@ class AutoOptions:
 class LayerCalibration:
     """Sparsity-independent results for one decoder layer.
 
-    rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order.
+    rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order; the same
+        tensor object in two layers is one shared basis (no residual adapter between them).
     curves[site]: Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one curve per
         candidate rotation, for h2 and h4 one curve.
     scales[site]: WINA scales to fold (`fold_scales`): h1/h3 one (d,) per candidate rotation, h2 one per
         value channel, h4 one per down_proj input; empty without scaling.
-    rotation_weights: weights a rotated basis adds at run time (d x d residual adapter, and one d x d output
-        rotation per post-norm).
+    adapter_weights: weights of a residual adapter (d x d) into this layer's basis from a different one.
+    output_rotation_weights: weights a rotated basis adds inside the layer (one d x d output rotation per
+        post-norm; 0 without post-norms).
     """
 
     rotations: list[torch.Tensor | None]
     curves: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     scales: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    rotation_weights: int = 0
+    adapter_weights: int = 0
+    output_rotation_weights: int = 0
 
 
 @dataclass
@@ -122,7 +129,7 @@ class Calibration:
                     for site, values in per_site.items()}
 
         layers = [LayerCalibration([layer.rotations[i] for i in keep], pick(layer.curves), pick(layer.scales),
-                                   layer.rotation_weights) for layer in self.layers]
+                                   layer.adapter_weights, layer.output_rotation_weights) for layer in self.layers]
         return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
 
 
@@ -188,9 +195,11 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False)
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
-    sensitivity = None
+    sensitivity = shared_basis = None
     if options.loss_weighted:
         sensitivity = loss_sensitivity(model, adapter, input_ids, attention_mask, progress)
+    if "global" in options.rotations:
+        shared_basis = pca_rotation(stream_second_moment(model, adapter, input_ids, attention_mask))
     positions = None
     for step in layerwise(model, adapter, input_ids, attention_mask, progress):
         if positions is None:  # error rows come from sequences whose loss sensitivity was measured
@@ -214,14 +223,17 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
         layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options,
-                                       _layer_sensitivity(sensitivity, step.index, positions)))
+                                       _layer_sensitivity(sensitivity, step.index, positions), shared_basis))
         error_seconds += time.perf_counter() - error_start
     return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
 
 
-def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor) -> torch.Tensor | None:
+def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor,
+               shared_basis: torch.Tensor | None) -> torch.Tensor | None:
     if name == "identity":
         return None
+    if name == "global":
+        return shared_basis
     if name == "pca":
         return pca_rotation(attn_moment)
     if name == "pca_scaled":
@@ -243,8 +255,11 @@ def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, position
 
 @torch.no_grad()
 def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
-                     options: AutoOptions, sensitivity: tuple[dict, dict] | None) -> LayerCalibration:
+                     options: AutoOptions, sensitivity: tuple[dict, dict] | None,
+                     shared_basis: torch.Tensor | None = None) -> LayerCalibration:
     """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
+
+    shared_basis: the ``global`` candidate (d, d), the same object for every layer.
 
     With `sensitivity` (`_layer_sensitivity`: loss-weighted), every reader's output rows are weighted by
     sqrt(fisher) for the WINA column norms; errors are absolute, in units of loss, each row's error at
@@ -252,11 +267,12 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
     Otherwise errors are relative.
     """
     attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
-    rotations = [_candidate(name, attn_moment, attn_scale) for name in options.rotations]
+    rotations = [_candidate(name, attn_moment, attn_scale, shared_basis) for name in options.rotations]
     post_norms = sum(norm is not None for norm in (layer_adapter.attn_output_norm, layer_adapter.mlp_output_norm))
-    rotation_weights = attn_moment.shape[0] ** 2 * (1 + post_norms)
+    rotation_cost = {"adapter_weights": attn_moment.shape[0] ** 2,
+                     "output_rotation_weights": attn_moment.shape[0] ** 2 * post_norms}
     if options.allocation != "error" and len(rotations) == 1 and not options.scaling:
-        return LayerCalibration(rotations, rotation_weights=rotation_weights)
+        return LayerCalibration(rotations, **rotation_cost)
     weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
                for site, linears in layer_adapter.site_modules().items()}
     if sensitivity is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
@@ -299,7 +315,7 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
                 scales[site].append(scale)
                 inputs, readers = inputs * scale, [scale_input(w, scale) for w in readers]
             curves[site].append(curve(site, inputs, readers))
-    return LayerCalibration(rotations, curves, scales, rotation_weights)
+    return LayerCalibration(rotations, curves, scales, **rotation_cost)
 
 
 def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
@@ -314,10 +330,10 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
            rounds: int = 3) -> tuple[list[int], tuple]:
     """Per layer, the candidate rotation index; and K per site per layer.
 
-    First the rotation with the smallest h1 + h3 error at uniform K wins. With error allocation, K is then
-    allocated for the chosen rotations at a price per kept weight, and each layer re-chooses the rotation
-    with the smallest h1 + h3 error plus price x weights (its best K for each, and with `charge_rotations`
-    the weights the rotation adds); the two steps repeat (at most `rounds` times) until stable.
+    First each layer takes the rotation with the smallest h1 + h3 error at uniform K. With error allocation,
+    K is then allocated for the chosen rotations at a price per kept weight, and the rotations are re-chosen
+    for the whole chain of layers (`_choose_rotations`) at that price; the two steps repeat (at most `rounds`
+    times) until stable.
     """
     keep_k = allocate_keep_k(site_sizes, sparsity, coefficients)
     layers = calibration.layers
@@ -325,8 +341,7 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
     choice, price = [0] * len(layers), None
     for round_index in range(rounds):
         previous = choice
-        choice = [_choose_rotation(layer, k, sizes, price, options.charge_rotations)
-                  for layer, k, sizes in zip(layers, keep_k, site_sizes)]
+        choice = _choose_rotations(layers, keep_k, site_sizes, price, options.charge_rotations)
         if options.allocation != "error" or (round_index > 0 and choice == previous):
             break
         curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
@@ -335,21 +350,40 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
     return choice, keep_k
 
 
-def _choose_rotation(layer: LayerCalibration, keep_k, sizes, price: float | None, charge: bool) -> int:
-    """Index of the candidate rotation with the smallest h1 + h3 error: at `keep_k` without a price, else
-    at each candidate's own best K for that price per kept weight, plus the rotation's weights if `charge`."""
-    if len(layer.rotations) == 1:
-        return 0
+def _choose_rotations(layers: list[LayerCalibration], keep_k, site_sizes, price: float | None,
+                      charge: bool) -> list[int]:
+    """Candidate rotation index per layer minimising the summed h1 + h3 errors (plus weights x price).
 
-    def cost(index: int) -> float:
+    Without a price: each layer's smallest error at `keep_k`. With a price: each candidate's error at its own
+    best K for that price per kept weight; with `charge` also the weights rotations add at run time: a
+    layer's output rotations if rotated, and a residual adapter between neighbouring layers whose bases
+    differ (different tensor objects; None = identity). A shortest path over the chain of layers.
+    """
+    def error(layer: LayerCalibration, index: int, layer_k, sizes) -> float:
         if price is None:
-            return float(layer.curves["h1"][index][keep_k[0]] + layer.curves["h3"][index][keep_k[2]])
+            return float(layer.curves["h1"][index][layer_k[0]] + layer.curves["h3"][index][layer_k[2]])
         total = sum(float((layer.curves[site][index] + price * _weights_kept(*size)).min())
                     for site, size in (("h1", sizes[0]), ("h3", sizes[2])))
-        rotated = layer.rotations[index] is not None
-        return total + (price * layer.rotation_weights if charge and rotated else 0.0)
+        if charge and layer.rotations[index] is not None:
+            total += price * layer.output_rotation_weights
+        return total
 
-    return min(range(len(layer.rotations)), key=cost)
+    costs = [[error(layer, index, layer_k, sizes) if len(layer.rotations) > 1 else 0.0
+              for index in range(len(layer.rotations))]
+             for layer, layer_k, sizes in zip(layers, keep_k, site_sizes)]
+    if price is None or not charge:
+        return [min(range(len(layer_costs)), key=layer_costs.__getitem__) for layer_costs in costs]
+    best, back = list(costs[0]), []  # best[c]: cheapest chain ending in candidate c of the current layer
+    for previous_layer, layer, layer_costs in zip(layers, layers[1:], costs[1:]):
+        adapter = price * layer.adapter_weights
+        steps = [min(((best[p] + (0.0 if previous_layer.rotations[p] is layer.rotations[c] else adapter), p)
+                      for p in range(len(best))), key=lambda pair: pair[0]) for c in range(len(layer_costs))]
+        back.append([p for _, p in steps])
+        best = [total + cost for (total, _), cost in zip(steps, layer_costs)]
+    choice = [min(range(len(best)), key=best.__getitem__)]
+    for pointers in reversed(back):
+        choice.append(pointers[choice[-1]])
+    return choice[::-1]
 
 
 def _weights_kept(width: int, params: int) -> torch.Tensor:
@@ -407,7 +441,8 @@ def fold_rotations(adapter: ModelAdapter, rotations: list[torch.Tensor | None]) 
 
     Embeddings -> E Q_0; q/k/v and gate/up -> W diag(g) Q_l; o_proj/down_proj outputs -> Q_l^T W (or, after
     a post-norm, an output rotation on that norm); adapters Q_l^T Q_{l+1} between layers whose bases
-    differ; lm_head -> W Q_last (diag(g_final) folded only when rotated). Exact; float64, cast back once.
+    differ (the same tensor object, or None twice, is one basis: no adapter); lm_head -> W Q_last
+    (diag(g_final) folded only when rotated). Exact; float64, cast back once.
     """
     layer_adapters = adapter.layer_adapters()
     if len(rotations) != len(layer_adapters):
@@ -423,7 +458,7 @@ def fold_rotations(adapter: ModelAdapter, rotations: list[torch.Tensor | None]) 
         with materialized(layer_adapter.layer):
             _fold_layer(layer_adapter, rotation)
             following = rotations[index + 1] if index + 1 < len(rotations) else None
-            if index + 1 < len(rotations) and (rotation is not None or following is not None):
+            if index + 1 < len(rotations) and rotation is not following:
                 weight = layer_adapter.attn_input_norm.weight
                 matrix = residual_adapter(identity if rotation is None else rotation,
                                           identity if following is None else following)

@@ -25,7 +25,8 @@ def logits(model, tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_scaled",), ("identity", "pca")])
+@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_scaled",), ("global",), ("identity", "pca"),
+                                       ("identity", "global", "pca")])
 def test_auto_folding_is_exact_at_sparsity_zero(family, rotations):
     """Scales and every kind of rotation (forced, so folding is really exercised) leave the function unchanged."""
     model = tiny_model(family, num_layers=3)
@@ -102,18 +103,66 @@ def test_error_allocation_meets_the_budget_and_follows_the_errors():
 
 
 def test_a_rotation_must_pay_for_the_weights_it_adds():
-    """Two layers whose rotation lowers the h1/h3 error a little (5%) or a lot (60%): charged for its weights
-    at the allocation's price, only the second keeps its rotation; uncharged, both do."""
+    """Two layers whose own rotations lower the h1/h3 error a little (5%) or a lot (60%). Any rotation but
+    none needs one residual adapter (the embeddings and the head are folded for free). Charged for it at the
+    allocation's price, only the large gain keeps its rotations; uncharged, both do."""
     sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
     base = 1 - torch.arange(101, dtype=torch.float64) / 100
-    layers = []
-    for gain in (0.95, 0.4):
-        curves = {"h1": [base, gain * base], "h2": [base], "h3": [base, gain * base], "h4": [base]}
-        layers.append(LayerCalibration([None, torch.eye(4, dtype=torch.float64)], curves, {}, rotation_weights=10000))
-    for charge, expected in ((True, [0, 1]), (False, [1, 1])):
-        calibration = Calibration("auto", AutoOptions(charge_rotations=charge), layers, 0, 0.0, 0.0)
-        choice, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
-        assert choice == expected, charge
+    for gain, charged in ((0.95, [0, 0]), (0.4, [1, 1])):
+        layers = []
+        for _ in range(2):
+            curves = {"h1": [base, gain * base], "h2": [base], "h3": [base, gain * base], "h4": [base]}
+            layers.append(LayerCalibration([None, torch.eye(4, dtype=torch.float64)], curves, {},
+                                           adapter_weights=10000))
+        for charge, expected in ((True, charged), (False, [1, 1])):
+            calibration = Calibration("auto", AutoOptions(charge_rotations=charge), layers, 0, 0.0, 0.0)
+            choice, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
+            assert choice == expected, (gain, charge)
+
+
+def test_adapters_are_paid_only_where_neighbouring_bases_differ():
+    """Four layers with candidates (identity, one shared basis, their own basis): each own basis is a little
+    better than the shared one, which is much better than identity. Charged, the chain keeps the shared
+    basis everywhere (no adapter at all) rather than paying an adapter at every switch; uncharged, every
+    layer takes its own basis. Output rotations (post-norms) are paid by every rotated layer."""
+    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
+    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    shared = torch.eye(4, dtype=torch.float64)
+
+    def layers(output_rotation_weights: int) -> list[LayerCalibration]:
+        result = []
+        for _ in range(4):
+            curves = {"h1": [base, 0.5 * base, 0.48 * base], "h2": [base], "h3": [base, 0.5 * base, 0.48 * base],
+                      "h4": [base]}
+            result.append(LayerCalibration([None, shared, torch.eye(4, dtype=torch.float64)], curves, {},
+                                           adapter_weights=10000, output_rotation_weights=output_rotation_weights))
+        return result
+
+    for charge, output_weights, expected in ((True, 0, [1] * 4), (False, 0, [2] * 4), (True, 10**6, [0] * 4)):
+        calibration = Calibration("auto", AutoOptions(charge_rotations=charge), layers(output_weights), 0, 0.0, 0.0)
+        choice, _ = choose(calibration, [sizes] * 4, 0.5, (1.0,) * 4)
+        assert choice == expected, (charge, output_weights)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_one_shared_basis_needs_no_residual_adapters(family):
+    """All layers in the global basis: exact at sparsity 0, rotated, and no adapter between layers (Gemma-3
+    keeps its output rotations after the post-norms)."""
+    model = tiny_model(family, num_layers=3)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False).restricted(AutoOptions(rotations=("global",)))
+    shared = calibrated.layers[0].rotations[0]
+    assert shared is not None and all(layer.rotations[0] is shared for layer in calibrated.layers)
+    assert torch.allclose(shared.T @ shared, torch.eye(shared.shape[0], dtype=torch.float64), atol=1e-10)
+    rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    assert model.rotsparse_plan.rotated
+    layers = get_adapter(model).layers
+    assert not any(hasattr(layer, ROTATION_BUFFER) for layer in layers)
+    output_rotations = sum(hasattr(m, ROTATION_BUFFER) for m in model.modules())
+    assert output_rotations == (2 * len(layers) if family == "gemma3_text" else 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
