@@ -123,8 +123,6 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
     plan = read_plan(directory)
     saved_shapes, rotations = _read_checkpoint(directory)
     _check_weights(directory, saved_shapes)
-    if plan.rotated and not rotations:
-        raise ValueError(f"{directory}: the plan says the model is rotated but no rotation tensors were saved")
     with _quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
             directory, dtype="auto" if dtype is None else dtype, device_map=device_map, output_loading_info=True,

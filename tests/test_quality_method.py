@@ -145,9 +145,9 @@ def test_adapters_are_paid_only_where_neighbouring_bases_differ():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_one_shared_basis_needs_no_residual_adapters(family):
-    """All layers in the global basis: exact at sparsity 0, rotated, and no adapter between layers (Gemma-3
-    keeps its output rotations after the post-norms)."""
+def test_one_shared_basis_needs_no_residual_adapters(family, tmp_path):
+    """All layers in the global basis: exact at sparsity 0, rotated, no adapter between layers (Gemma-3 keeps
+    its output rotations after the post-norms), and it saves and loads (with or without rotation tensors)."""
     model = tiny_model(family, num_layers=3)
     tokens = random_tokens()
     expected = logits(model, tokens)
@@ -163,6 +163,10 @@ def test_one_shared_basis_needs_no_residual_adapters(family):
     assert not any(hasattr(layer, ROTATION_BUFFER) for layer in layers)
     output_rotations = sum(hasattr(m, ROTATION_BUFFER) for m in model.modules())
     assert output_rotations == (2 * len(layers) if family == "gemma3_text" else 0)
+    rotsparse.save(model, tmp_path / "sparse")
+    loaded = rotsparse.load(tmp_path / "sparse")
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in model.state_dict().items())
+    assert torch.allclose(logits(loaded, tokens), logits(model, tokens), atol=1e-5, rtol=1e-5)  # eager vs sdpa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
