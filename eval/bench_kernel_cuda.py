@@ -4,9 +4,10 @@ For Llama-2-7B linear shapes (in x out): 4096x4096 (q/k/v/o), 4096x11008 (gate/u
 dtype and sparsity, it measures (CUDA events; the median over repeats):
 
 * ``dense F.linear``   -- cuBLAS GEMV, ``F.linear(x, W)``, W (out, in) contiguous
-* ``sparse kernel``    -- ``rotsparse.kernels.topk_gemv(x, weight_t, None, K)``: selection + Triton gather-GEMV
-* ``gather only``      -- ``index_gemv`` on precomputed indices (the Triton kernel alone)
-* ``selection only``   -- the Top-K selection alone (``topk_indices``)
+* ``sparse kernel``    -- ``rotsparse.kernels.topk_gemv(x, weight_t, None, K)``: Top-K selection fused into the
+  Triton gather-GEMV (one launch)
+* ``gather only``      -- ``index_gemv`` on precomputed indices (the same kernel reading an index array)
+* ``selection only``   -- the Top-K selection alone (``topk_indices``: one program writing the indices)
 
 each twice: ``eager`` (one launch after another, as a Python decode loop runs them) and ``graph`` (captured in
 a CUDA graph and replayed, which removes launch overhead, as a compiled/graphed decode loop runs them).
@@ -138,7 +139,7 @@ def sweep_configs(dtypes, reps: int, pool_bytes: int, sparsity: float = 0.5) -> 
             del w_t
             print(f"best tile {n_in}x{n_out} {dt_name}: {best[1]}, {best[0] * 1e6:.1f} us", flush=True)
             for warps in (8, 16, 32):  # the selection kernel's warps
-                calls = [lambda i=i, w=warps: select_triton(xs[i], k, None, 0, num_warps=w) for i in range(n_buf)]
+                calls = [lambda i=i, w=warps: select_triton(xs[i], k, w) for i in range(n_buf)]
                 with torch.inference_mode():
                     t = time_calls(calls, reps, graph=True)
                 rows.append(f"| {n_in}x{n_out} | {dt_name} | selection, {warps} warps | | | | | {t * 1e6:.1f} | | |")

@@ -328,6 +328,9 @@ def test_cuda_path(dtype, shape, with_bias):
         assert_close_to_ref(y.cpu(), reference(x.cpu(), w.cpu(), None if b is None else b.cpu(), k), dtype)
         indices = topk_indices(x, k)
         assert torch.equal(indices.cpu(), topk_indices(x.cpu(), k)), k  # distinct |x|: one right answer
+        y = index_gemv(x, indices, w, b)
+        assert y.dtype == dtype and y.shape == (n_out,)
+        assert_close_to_ref(y.cpu(), reference(x.cpu(), w.cpu(), None if b is None else b.cpu(), k), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -347,6 +350,49 @@ def test_cuda_selection_keeps_exactly_k_with_ties_and_zeros(dtype):
         assert indices.numel() == k and indices.unique().numel() == k
         torch.testing.assert_close(x.cpu().abs()[indices].sort().values,
                                    x.cpu().abs().topk(k).values.sort().values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ties_go_to_the_lowest_indices(dtype):
+    """The fused selection + gather keeps exactly the entries a stable descending sort of |x| puts first."""
+    g = torch.Generator().manual_seed(3)
+    for n_in, n_out in [(4096, 4096), (11008, 512), (700, 50)]:
+        x = (torch.randn(n_in, generator=g) * 4).round().to(dtype)  # ~25 distinct magnitudes: many ties
+        w = make_weight(n_in, n_out, dtype)
+        b = torch.randn(n_out, generator=g).to(dtype)
+        for k in [1, n_in // 10, n_in // 2, n_in - 1]:
+            idx = torch.sort(-x.float().abs(), stable=True).indices[:k].sort().values
+            assert torch.equal(topk_indices(x.cuda(), k).cpu(), idx), k
+            ref = x.double()[idx] @ w.double()[idx] + b.double()
+            assert_close_to_ref(topk_gemv(x.cuda(), w.cuda(), b.cuda(), k).cpu(), ref, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_repeated_calls_and_graph_replay():
+    """The one-launch kernel leaves its scratch row at zero after every call: repeated eager calls and replays of
+    a captured CUDA graph with new inputs give fresh results."""
+    dtype, n_in, n_out, k = torch.bfloat16, 4096, 4096, 2048
+    w = make_weight(n_in, n_out, dtype).cuda()
+    b = torch.randn(n_out).to(dtype).cuda()
+    xs = [distinct_x(n_in, dtype, seed=s).cuda() for s in range(3)]
+    refs = [reference(x.cpu(), w.cpu(), b.cpu(), k) for x in xs]
+    with torch.inference_mode():
+        for _ in range(2):
+            for x, ref in zip(xs, refs):
+                assert_close_to_ref(topk_gemv(x, w, b, k).cpu(), ref, dtype)
+                assert_close_to_ref(index_gemv(x, topk_indices(x, k), w, b).cpu(), ref, dtype)
+        static_x = xs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = topk_gemv(static_x, w, b, k)
+            static_z = index_gemv(static_x, topk_indices(static_x, k), w, b)
+        for x, ref in zip(xs[::-1], refs[::-1]):
+            static_x.copy_(x)
+            graph.replay()
+            assert_close_to_ref(static_y.cpu(), ref, dtype)
+            assert_close_to_ref(static_z.cpu(), ref, dtype)
+        assert_close_to_ref(topk_gemv(xs[1], w, b, k).cpu(), refs[1], dtype)
 
 
 def _triton_version() -> tuple:
@@ -370,7 +416,7 @@ def test_triton_kernels_in_the_interpreter():
         """
         import torch
         from rotsparse.kernels import topk_mask
-        from rotsparse.kernels.triton_gemv import topk_gemv_triton, topk_indices_triton
+        from rotsparse.kernels.triton_gemv import index_gemv_triton, topk_gemv_triton, topk_indices_triton
         g = torch.Generator().manual_seed(0)
         for n_in, n_out in [(300, 200), (1000, 37), (64, 5)]:
             x = torch.randn(n_in, generator=g)
@@ -382,7 +428,10 @@ def test_triton_kernels_in_the_interpreter():
                     ref = topk_mask(x.double(), k) @ w.double() + (0 if bias is None else bias.double())
                     assert (y.double() - ref).abs().max() < 1e-4, (n_in, n_out, k)
                 if 0 < k < n_in:
-                    assert torch.equal(topk_indices_triton(x, k), x.abs().topk(k).indices.sort().values)
+                    indices = topk_indices_triton(x, k)
+                    assert torch.equal(indices, x.abs().topk(k).indices.sort().values)
+                    y = index_gemv_triton(x, indices, w, b)
+                    assert (y.double() - ref).abs().max() < 1e-4, (n_in, n_out, k)
         for dtype in (torch.bfloat16, torch.float16):  # radix search over the bits the dtype has
             x = (torch.randn(4096, generator=g) * torch.exp(3 * torch.randn(4096, generator=g))).to(dtype)
             for k in [1, 1365, 2048, 4095]:
@@ -391,6 +440,13 @@ def test_triton_kernels_in_the_interpreter():
         x = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, -2.0, 0.0, 0.0, -0.0])
         assert topk_indices_triton(x, 3).tolist() == [1, 2, 4]  # ties kept in index order
         assert topk_indices_triton(x, 7).tolist() == [0, 1, 2, 3, 4, 5, 6]
+        x = torch.randn(700, generator=g).round().to(torch.bfloat16)  # many ties: the lowest indices are kept
+        w = (torch.randn(700, 50, generator=g) / 30).to(torch.bfloat16)
+        for k in [1, 100, 350, 699]:
+            idx = torch.sort(-x.float().abs(), stable=True).indices[:k].sort().values
+            assert torch.equal(topk_indices_triton(x, k), idx), k
+            ref = x.double()[idx] @ w.double()[idx]
+            assert (topk_gemv_triton(x, w, None, k).double() - ref).abs().max() < 1e-2 * ref.abs().max(), k
         print("OK")
         """
     )

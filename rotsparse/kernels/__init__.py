@@ -13,8 +13,9 @@ Backends (picked per call, see :func:`kernel_backend`):
 * ``"cpp"``    -- CPU: fused select + gather-GEMV in C++/OpenMP (AVX-512 when
   the compiler targets it), JIT-compiled on first use with
   ``torch.utils.cpp_extension.load`` and cached by torch.
-* ``"triton"`` -- CUDA: a Triton selection kernel (exact Top-K by bisection on
-  the bits of |x|) + a Triton gather-accumulate kernel.
+* ``"triton"`` -- CUDA: one Triton kernel per call in which every program
+  finds the exact Top-K itself (radix select on the bits of |x|) and gathers
+  only the kept weight rows (``rotsparse/kernels/triton_gemv.py``).
 * ``"torch"``  -- pure PyTorch fallback (correct, slower); used when the C++
   build fails (one warning says why), when Triton is missing, or for dtypes
   the native kernels do not handle.

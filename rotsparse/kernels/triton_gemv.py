@@ -4,23 +4,31 @@ Same contract as :func:`rotsparse.kernels.topk_gemv`::
 
     y[j] = sum_{i in TopK(|x|, K)} x[i] * weight_t[i, j]  (+ bias[j])
 
-with ``weight_t`` of shape (in, out), contiguous.  Two launches per call:
+with ``weight_t`` of shape (in, out), contiguous.  One launch per call: ``_topk_gemv_kernel``, grid (column
+blocks, row splits); each program
 
-1. ``_select_kernel``: program 0 finds the K-th largest |x| by a radix search
-   on its float32 bit pattern (non-negative floats order like their bits; two
-   bits per pass, 8 passes for bfloat16), keeps every entry above it and the
-   first tied ones up to exactly K, and writes their indices in ascending order
-   (a prefix sum compacts them); all programs initialise the float32
-   accumulator with the bias (or zeros).  This replaces ``torch.topk`` +
-   ``sort``, which cost 50-130 us per call on an H100.
-2. ``_gather_gemv_kernel``: grid (column blocks, K-splits); each program gathers
-   its selected rows of ``weight_t`` (contiguous runs of ``BLOCK_N`` columns) and
-   accumulates in float32; K-splits combine with float32 atomics.
+1. selects: finds the K-th largest |x| by a radix select on the bits of |x| (non-negative floats order like
+   their bit patterns), 5 bits per pass with a 32-bin ``tl.histogram`` (3 passes for 16-bit dtypes, 7 for
+   float32); every entry above it is kept, and of the entries tied with it the first ones in index order up
+   to exactly K (the last pass also counts the tied entries before the program's first row, so no extra pass
+   over x is needed).  The input vector is small (4-11k values, read from L2), so every program repeats the
+   selection instead of waiting for a separate launch and an index array; the default tile runs one program
+   of 16 warps per SM, so each SM selects once;
+2. gathers: walks its share of the input rows and fetches only the kept rows of ``weight_t`` (masked loads:
+   dropped rows are never read) for its block of columns, accumulating in float32;
+3. writes ``y``: with several row splits, partial sums go with atomics into a float32 scratch row that is
+   kept per device, stream and output width; the last program of a column block (an atomic counter tells) reads the
+   sum back, leaves the scratch and its counter at zero for the next call, adds the bias, casts and stores.
+   No initialisation, index array or cast launch.  Calls on one stream run in order, so they never share
+   a scratch row concurrently (a graph replayed on another stream than it was captured on must not overlap
+   eager calls of the capturing stream).
 
-Triton is imported lazily (inside :func:`_kernels`), so importing this module
-never fails on machines without Triton or CUDA; callers check availability
-first (``rotsparse.kernels.kernel_backend``).  Under ``TRITON_INTERPRET=1`` the
-kernels also run on CPU tensors (Triton's interpreter), which the tests use.
+``index_gemv_triton`` (given indices) runs the same kernel with rows read from the index array, split over
+the K entries; ``topk_indices_triton`` runs the selection alone (``_select_kernel``, one program).
+
+Triton is imported lazily (inside :func:`_kernels`), so importing this module never fails on machines without
+Triton or CUDA; callers check availability first (``rotsparse.kernels.kernel_backend``).  Under
+``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter), which the tests use.
 """
 
 from __future__ import annotations
@@ -32,13 +40,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-MAX_SELECT_WIDTH = 1 << 16  # wider inputs select with torch.topk (one program holds the whole row)
-# float32 bits that are always 0 for a value of this dtype (even number: the selection tests two per pass)
-_LOW_BIT = {torch.bfloat16: 16, torch.float16: 12}
+# bits of |x| as an integer key: the float's bit pattern without its sign
+_KEY_BITS = {torch.float32: 31, torch.bfloat16: 15, torch.float16: 15}
 
 
 class GatherConfig(NamedTuple):
-    """Tile of ``_gather_gemv_kernel``: columns and rows per step, warps, programs launched per SM."""
+    """Tile of ``_topk_gemv_kernel``: columns and rows per step, warps, programs launched per SM."""
 
     block_n: int
     block_k: int
@@ -48,10 +55,18 @@ class GatherConfig(NamedTuple):
 
 
 def default_config(dtype: torch.dtype) -> GatherConfig:
-    """Tile for Llama-2-7B shapes on an H100: the best of a first sweep over 128-512 columns (bf16,
-    eval/results/gather_sweep_cuda_first.md). The later sweep (gather_sweep_cuda.md) found 1024 columns ~13%
-    faster; not adopted yet, since the committed kernel_bench_cuda.md was measured with this tile."""
-    return GatherConfig(block_n=512 if dtype.itemsize == 2 else 128, block_k=32, num_warps=4, programs_per_sm=4)
+    """Tile of the gather over given indices, for Llama-2-7B shapes on an H100: 2 KB of each row (the best
+    bf16 tile of eval/results/gather_sweep_cuda.md, 1024 columns x 32 rows, 4 warps); 3 programs per SM, as
+    many as its registers hold at once (4 left a second wave of a few programs at 40% sparsity)."""
+    return GatherConfig(block_n=2048 // dtype.itemsize, block_k=32, num_warps=4, programs_per_sm=3)
+
+
+def select_config(dtype: torch.dtype) -> GatherConfig:
+    """Tile of the fused selection + gather: one program of 16 warps per SM (each program selects, so few
+    programs with many warps), each thread 16 bytes of a row; all warps side by side along the columns.  Best
+    of 4096/2048/1024 columns x 16-64 rows on an H100 for Llama-2-7B shapes (bf16 and float32)."""
+    return GatherConfig(block_n=4096 if dtype.itemsize == 2 else 2048, block_k=16, num_warps=16,
+                        programs_per_sm=1)
 
 
 @functools.cache
@@ -59,98 +74,154 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _select_kernel(
-        x_ptr,  # (in,) activations
-        idx_ptr,  # (K,) int64 out: kept input channels, ascending
-        acc_ptr,  # (out,) float32 out: bias or zeros
-        bias_ptr,
-        n_in,
-        n_out,
-        K,
-        BLOCK: tl.constexpr,
-        LOW_BIT: tl.constexpr,
-        INIT_BLOCK: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        cols = pid * INIT_BLOCK + tl.arange(0, INIT_BLOCK)  # every program initialises a block of acc
-        col_mask = cols < n_out
-        if HAS_BIAS:
-            init = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        else:
-            init = tl.zeros((INIT_BLOCK,), dtype=tl.float32)
-        tl.store(acc_ptr + cols, init, mask=col_mask)
-        if pid == 0:  # program 0 also selects
-            offs = tl.arange(0, BLOCK)
-            valid = offs < n_in
-            magnitude = tl.abs(tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32))
-            bits = tl.where(valid, magnitude.to(tl.int32, bitcast=True), -1)  # padding never selected
-            # threshold = bits of the K-th largest |x|, found from the top bit down (bit 31, the sign, is 0),
-            # two bits per pass; bits below LOW_BIT are 0 for every input of the dtype (16 for bfloat16)
-            threshold = tl.where(tl.sum((bits >= (1 << 30)).to(tl.int32), axis=0) >= K, 1 << 30, 0)
-            field = (1 << 21) - 1  # the three counts of a pass share one int64 sum, 21 bits each
-            for low in range(28, LOW_BIT - 2, -2):
-                t1 = threshold | (1 << low)
-                t2 = threshold | (2 << low)
-                t3 = threshold | (3 << low)
-                counts = tl.sum((bits >= t1).to(tl.int64) + ((bits >= t2).to(tl.int64) << 21)
-                                + ((bits >= t3).to(tl.int64) << 42), axis=0)
-                c1 = (counts & field).to(tl.int32)
-                c2 = ((counts >> 21) & field).to(tl.int32)
-                c3 = (counts >> 42).to(tl.int32)
-                threshold = tl.where(c3 >= K, t3, tl.where(c2 >= K, t2, tl.where(c1 >= K, t1, threshold)))
-            # keep all above the threshold and the first ties (index order) up to exactly K; one int64 prefix
-            # sum counts both, and a kept entry's output slot is (above so far) + min(ties so far, ties needed)
-            above = bits > threshold
-            tied = bits == threshold
-            ties_needed = K - tl.sum(above.to(tl.int32), axis=0)
-            running = tl.cumsum(above.to(tl.int64) + (tied.to(tl.int64) << 32), axis=0)
-            ties_so_far = (running >> 32).to(tl.int32)
-            keep = above | (tied & (ties_so_far <= ties_needed))
-            position = (running & 0xFFFFFFFF).to(tl.int32) + tl.minimum(ties_so_far, ties_needed) - 1
-            tl.store(idx_ptr + position, offs.to(tl.int64), mask=keep)
+    # jit helpers: a kernel resolves the functions it calls as globals
+    global _key, _pick_digit, _threshold, _keep, _store_output
 
     @triton.jit
-    def _gather_gemv_kernel(
-        x_ptr,  # (in,) activations, input dtype
-        idx_ptr,  # (K,) int64 selected input channels
+    def _key(xv, KEY_BITS: tl.constexpr):
+        # |x| as a non-negative int32 ordered like |x|: the bit pattern without the sign
+        if KEY_BITS == 15:
+            key = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        else:
+            key = xv.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        return key
+
+    @triton.jit
+    def _pick_digit(fits_a, above_a, at_digit_a, fits_b, above_b, at_digit_b):
+        return fits_a + fits_b, tl.maximum(above_a, above_b), tl.minimum(at_digit_a, at_digit_b)
+
+    @triton.jit
+    def _threshold(x_ptr, n_in, K, r0, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+        """(T, ties) for 0 < K < n_in: the K largest |x| are the entries with key > T and the first
+        K - #(key > T) entries with key == T in index order (T: the key of the K-th largest); ties: how many of
+        those tied entries lie at index >= r0 (a program starting at row r0 keeps its first `ties` tied rows)."""
+        threshold = tl.full([], 0, tl.int32)  # the bits decided so far
+        above = tl.full([], 0, tl.int32)  # entries whose key is above every key with these bits
+        matching = tl.full([], 0, tl.int32) + n_in  # entries whose key has these bits
+        for p in tl.static_range((KEY_BITS + 4) // 5):  # 5 bits per pass from the top, the last may have fewer
+            if 5 * (p + 1) <= KEY_BITS:
+                SHIFT = KEY_BITS - 5 * (p + 1)
+                BITS = 5
+            else:
+                SHIFT = 0
+                BITS = KEY_BITS - 5 * p
+            hist = tl.zeros([32], dtype=tl.int32)  # next digit of the matching keys
+            before = tl.zeros([32], dtype=tl.int32)  # (last pass) the same, at indices < r0
+            for start in range(0, n_in, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                valid = offs < n_in
+                key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
+                match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
+                digit = (key >> SHIFT) & ((1 << BITS) - 1)
+                hist += tl.histogram(digit, 32, mask=match)
+                if SHIFT == 0:
+                    before += tl.histogram(digit, 32, mask=match & (offs < r0))
+            # entries with key >= threshold | (digit << SHIFT), for each digit: non-increasing, >= K up to the
+            # digit of the K-th largest key
+            at_least = above + matching - tl.cumsum(hist, axis=0) + hist
+            fits = at_least >= K
+            n_fit, above, at_digit = tl.reduce(
+                (fits.to(tl.int32), tl.where(fits, above, at_least), tl.where(fits, at_least, n_in)), 0, _pick_digit)
+            matching = at_digit - above
+            threshold = threshold | ((n_fit - 1) << SHIFT)
+        ties_before = tl.sum(tl.where(tl.arange(0, 32) == n_fit - 1, before, 0), axis=0)  # (last digit)
+        return threshold, K - above - ties_before
+
+    @triton.jit
+    def _keep(key, in_range, threshold, ties, tied_seen):
+        """(kept entries among key, tied entries seen so far): the selection's rule over consecutive indices."""
+        tied = in_range & (key == threshold)
+        rank = tied_seen + tl.cumsum(tied.to(tl.int32), axis=0)
+        keep = in_range & ((key > threshold) | (tied & (rank <= ties)))
+        return keep, tied_seen + tl.sum(tied.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _select_kernel(x_ptr, idx_ptr, n_in, K, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+        # idx (K,) int64 out: the K largest |x|, ascending indices
+        threshold, ties = _threshold(x_ptr, n_in, K, 0, KEY_BITS, BLOCK)
+        kept = tl.full([], 0, tl.int32)
+        tied_seen = tl.full([], 0, tl.int32)
+        for start in range(0, n_in, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            valid = offs < n_in
+            key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
+            keep, tied_seen = _keep(key, valid, threshold, ties, tied_seen)
+            position = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(idx_ptr + position, offs.to(tl.int64), mask=keep)
+            kept += tl.sum(keep.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _store_output(y_ptr, bias_ptr, cols, col_mask, acc, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)
+
+    @triton.jit
+    def _topk_gemv_kernel(
+        x_ptr,  # (in,) activations
+        idx_ptr,  # (K,) int64 input channels to gather (unless SELECT)
         w_ptr,  # (in, out) weight_t, row stride = stride_w
-        y_ptr,  # (out,) float32 accumulator (bias or zeros already in it)
-        K,
+        bias_ptr,
+        y_ptr,  # (out,) output, x's dtype
+        acc_ptr,  # (out,) float32 scratch, zeros (used with several row splits)
+        count_ptr,  # (column blocks,) int32 scratch, zeros
+        n_in,
         N,
+        K,
         stride_w,
-        k_per_split,
+        rows_per_split,
+        SELECT: tl.constexpr,  # True: keep the K largest |x| (selected here); False: rows idx[0:K]
+        KEY_BITS: tl.constexpr,
+        SEL_BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        USE_ATOMIC: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,  # several row splits (grid dim 1 > 1)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, K)
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs < k_end
-            rows = tl.load(idx_ptr + offs, mask=k_mask, other=0).to(tl.int64)
-            xv = tl.load(x_ptr + rows, mask=k_mask, other=0.0).to(tl.float32)
+        start = pid_k * rows_per_split
+        if SELECT:
+            threshold, ties = _threshold(x_ptr, n_in, K, start, KEY_BITS, SEL_BLOCK)
+            tied_seen = tl.full([], 0, tl.int32)
+            end = tl.minimum(start + rows_per_split, n_in)
+        else:
+            end = tl.minimum(start + rows_per_split, K)
+        for r0 in tl.range(start, end, BLOCK_K, num_stages=NUM_STAGES):
+            offs = r0 + tl.arange(0, BLOCK_K)
+            in_range = offs < end
+            if SELECT:
+                rows = offs
+                xv = tl.load(x_ptr + rows, mask=in_range, other=0.0)
+                keep, tied_seen = _keep(_key(xv, KEY_BITS), in_range, threshold, ties, tied_seen)
+                xv = tl.where(keep, xv, 0.0)
+            else:
+                rows = tl.load(idx_ptr + offs, mask=in_range, other=0)
+                xv = tl.load(x_ptr + rows, mask=in_range, other=0.0)
+                keep = in_range
             w = tl.load(
-                w_ptr + rows[:, None] * stride_w + cols[None, :],
-                mask=k_mask[:, None] & col_mask[None, :],
+                w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                mask=keep[:, None] & col_mask[None, :],
                 other=0.0,
             )
-            acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-        if USE_ATOMIC:
-            tl.atomic_add(y_ptr + cols, acc, mask=col_mask)
+            acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[:, None], axis=0)
+        if SPLIT:
+            tl.atomic_add(acc_ptr + cols, acc, mask=col_mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sums are in before the counter moves (release)
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:  # the last program of this column block
+                total = tl.atomic_add(acc_ptr + cols, tl.zeros_like(acc), mask=col_mask, sem="acq_rel")  # (read)
+                tl.store(acc_ptr + cols, tl.zeros_like(acc), mask=col_mask)  # zero again for the next call
+                tl.store(count_ptr + pid_n, 0)
+                _store_output(y_ptr, bias_ptr, cols, col_mask, total, HAS_BIAS)
         else:
-            prev = tl.load(y_ptr + cols, mask=col_mask, other=0.0)
-            tl.store(y_ptr + cols, prev + acc, mask=col_mask)
+            _store_output(y_ptr, bias_ptr, cols, col_mask, acc, HAS_BIAS)
 
-    return _select_kernel, _gather_gemv_kernel
+    return _select_kernel, _topk_gemv_kernel
 
 
 def _device_context(x: Tensor):
@@ -158,36 +229,64 @@ def _device_context(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _init_accumulator(bias: Optional[Tensor], n_out: int, device: torch.device) -> Tensor:
-    if bias is not None:
-        return bias.to(torch.float32, copy=True)
-    return torch.zeros(n_out, device=device, dtype=torch.float32)
+# Workspace cache, like cuBLAS's per-stream workspaces: (device, stream, out) -> (float32 accumulator, int32
+# counters), all zero between calls.  Per stream, so that kernels on different streams never share one.
+_SCRATCH: dict = {}
 
 
-def _gather(x1: Tensor, idx: Tensor, weight_t: Tensor, acc: Tensor, config: GatherConfig) -> None:
-    """acc (out,) float32 += x1[idx] @ weight_t[idx], in place."""
-    n_out = weight_t.shape[1]
-    K = idx.numel()
-    if K == 0 or n_out == 0:
-        return
+def _scratch(device: torch.device, n_out: int) -> tuple[Tensor, Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, n_out)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        zeros = torch.zeros(2 * n_out, dtype=torch.int32, device=device)
+        buf = zeros[:n_out].view(torch.float32), zeros[n_out:]
+        # one zeroed while a CUDA graph is being captured is zero only in that graph's replays: not shared
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SCRATCH[key] = buf
+    return buf
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _launch(x1: Tensor, idx: Optional[Tensor], weight_t: Tensor, bias: Optional[Tensor], keep_k: int,
+            config: GatherConfig) -> Tensor:
+    """y (out,) of x1's dtype: the kept rows of weight_t (idx[0:K], or the K largest |x1| if idx is None)
+    times x1, plus the bias, in one launch.  0 < keep_k (< in when selecting)."""
+    n_in, n_out = weight_t.shape
+    y = torch.empty(n_out, dtype=x1.dtype, device=x1.device)
     n_blocks = cdiv(n_out, config.block_n)
-    k_blocks = cdiv(K, config.block_k)
-    # Enough programs to fill the GPU, splitting K if the column blocks alone do not.
-    split = max(1, min(k_blocks, cdiv(config.programs_per_sm * _num_sms(x1.device), n_blocks)))
-    k_per_split = cdiv(cdiv(K, split), config.block_k) * config.block_k
-    split = cdiv(K, k_per_split)
+    rows = n_in if idx is None else keep_k
+    # Enough programs to fill the GPU, splitting the rows if the column blocks alone do not.
+    split = max(1, min(cdiv(rows, config.block_k), cdiv(config.programs_per_sm * _num_sms(x1.device), n_blocks)))
+    rows_per_split = cdiv(cdiv(rows, split), config.block_k) * config.block_k
+    split = cdiv(rows, rows_per_split)
+    acc, counts = _scratch(x1.device, n_out) if split > 1 else (y, y)
+    threads = 32 * config.num_warps
     with _device_context(x1):
         _kernels()[1][(n_blocks, split)](
-            x1, idx, weight_t, acc, K, n_out, weight_t.stride(0), k_per_split,
-            BLOCK_K=config.block_k, BLOCK_N=config.block_n, USE_ATOMIC=split > 1, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps,
+            x1, x1 if idx is None else idx, weight_t, y if bias is None else bias, y, acc, counts,
+            n_in, n_out, keep_k, weight_t.stride(0), rows_per_split,
+            SELECT=idx is None, KEY_BITS=_KEY_BITS[x1.dtype], SEL_BLOCK=max(threads, min(_pow2(n_in), 8 * threads)),
+            BLOCK_K=config.block_k, BLOCK_N=config.block_n, NUM_STAGES=config.num_stages,
+            HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=config.num_warps,
         )
+    return y
+
+
+def _bias_only(x: Tensor, bias: Optional[Tensor], n_out: int) -> Tensor:
+    """K = 0: y = bias (or zeros)."""
+    y = torch.zeros(n_out, dtype=x.dtype, device=x.device) if bias is None else bias.clone()
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def index_gemv_triton(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor],
@@ -198,56 +297,44 @@ def index_gemv_triton(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Option
     best for DRAM locality).  Inputs are assumed validated by the caller.
     """
     n_in, n_out = weight_t.shape
+    if indices.numel() == 0:
+        return _bias_only(x, bias, n_out)
     x1 = x.reshape(n_in).contiguous()
-    acc = _init_accumulator(bias, n_out, x.device)
-    _gather(x1, indices.contiguous(), weight_t, acc, config or default_config(x.dtype))
-    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
+    y = _launch(x1, indices.contiguous(), weight_t, bias, indices.numel(), config or default_config(x.dtype))
+    return y.reshape(*x.shape[:-1], n_out)
 
 
-def select_triton(x1: Tensor, keep_k: int, bias: Optional[Tensor], n_out: int,
-                  num_warps: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """(indices (K,) int64 ascending: the K largest |x1|, ties by index; accumulator (n_out,) float32 holding
-    the bias or zeros), in one launch.  x1: (in,) contiguous, 0 < keep_k < in <= MAX_SELECT_WIDTH."""
+def select_triton(x1: Tensor, keep_k: int, num_warps: int = 16) -> Tensor:
+    """Indices (K,) int64 ascending of the K largest |x1| (ties: lowest indices), one program.
+    x1: (in,) contiguous, 0 < keep_k < in."""
     n_in = x1.numel()
     idx = torch.empty(keep_k, dtype=torch.long, device=x1.device)
-    acc = torch.empty(n_out, dtype=torch.float32, device=x1.device)
-    block = max(16, 1 << (n_in - 1).bit_length())
-    init_block = 1024
+    threads = 32 * num_warps
     with _device_context(x1):
-        _kernels()[0][(max(1, cdiv(n_out, init_block)),)](
-            x1, idx, acc, acc if bias is None else bias, n_in, n_out, keep_k,
-            BLOCK=block, LOW_BIT=_LOW_BIT.get(x1.dtype, 0), INIT_BLOCK=init_block, HAS_BIAS=bias is not None,
-            num_warps=num_warps or min(32, max(8, block // 512)),
-        )
-    return idx, acc
-
-
-def _selects(n_in: int, keep_k: int) -> bool:
-    """Whether `select_triton` handles this width and K (the others need no selection, or are too wide)."""
-    return 0 < keep_k < n_in <= MAX_SELECT_WIDTH
+        _kernels()[0][(1,)](x1, idx, n_in, keep_k, KEY_BITS=_KEY_BITS[x1.dtype],
+                            BLOCK=max(threads, min(_pow2(n_in), 8 * threads)), num_warps=num_warps)
+    return idx
 
 
 def topk_gemv_triton(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int,
                      config: Optional[GatherConfig] = None) -> Tensor:
-    """Top-K selection + gather-GEMV for one token on CUDA (two launches, see the module docstring)."""
+    """Top-K selection + gather-GEMV for one token on CUDA (one launch, see the module docstring)."""
     n_in, n_out = weight_t.shape
     x1 = x.reshape(n_in).contiguous()
     if keep_k >= n_in:  # dense: cuBLAS reads the (in, out) layout at full bandwidth
         y = x1.unsqueeze(0) @ weight_t
         y = y if bias is None else y + bias
         return y.reshape(*x.shape[:-1], n_out)
-    if not _selects(n_in, keep_k):  # K = 0, or wider than the selection kernel takes
-        idx = x1.abs().topk(keep_k, sorted=False).indices.sort().values
-        return index_gemv_triton(x, idx, weight_t, bias, config)
-    idx, acc = select_triton(x1, keep_k, bias, n_out)
-    _gather(x1, idx, weight_t, acc, config or default_config(x.dtype))
-    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
+    if keep_k == 0:
+        return _bias_only(x, bias, n_out)
+    y = _launch(x1, None, weight_t, bias, keep_k, config or select_config(x.dtype))
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def topk_indices_triton(x1: Tensor, keep_k: int) -> Optional[Tensor]:
     """The K largest |x1| (ascending indices) through the selection kernel; x1 (in,) contiguous.
-    None where the kernel does not apply (K = 0, K = in, in > MAX_SELECT_WIDTH)."""
-    return select_triton(x1, keep_k, None, 0)[0] if _selects(x1.numel(), keep_k) else None
+    None where no selection is needed (K = 0, K = in)."""
+    return select_triton(x1, keep_k) if 0 < keep_k < x1.numel() else None
 
 
 def cdiv(a: int, b: int) -> int:
