@@ -122,7 +122,11 @@ def main(argv=None) -> None:
                                          error_tokens=args.error_tokens, site_coefficients=coefficients)
             calibrated = None
             if method != "topk":
-                full = None if options is None else AutoOptions(scaling=options.scaling,
+                # the default candidates, plus any the variant needs (e.g. plain "pca"): its own calibration
+                candidates = AutoOptions().rotations
+                if options is not None and not set(options.rotations) <= set(candidates):
+                    candidates += tuple(name for name in options.rotations if name not in candidates)
+                full = None if options is None else AutoOptions(rotations=candidates, scaling=options.scaling,
                                                                  loss_weighted=options.loss_weighted)
                 key = (method, full)
                 if key not in calibrations:

@@ -19,7 +19,9 @@ requested sparsity, so one calibration serves every sparsity.
      weight (h1, h3), in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
   2. Per-layer residual basis: identity, one model-level basis shared by all layers (``global``: PCA of
      the normalised attention inputs averaged over layers), PCA of the layer's normalised attention
-     input, or PCA of its norm's output (scale included). First the smallest h1 + h3 error at uniform K
+     input with the attention sinks' massive-activation channels left unrotated (``pca_sink``: a full
+     PCA spreads them, and Top-K then cuts the sink token that every other token attends to), or PCA of
+     its norm's output (scale included). First the smallest h1 + h3 error at uniform K
      wins; after each allocation, the chain of bases with the smallest error plus price x weights over
      all layers (dynamic programming): a residual adapter (d x d) is paid only where two neighbouring
      layers' bases differ, so identity or global runs of layers cost nothing; output rotations after
@@ -56,20 +58,24 @@ from .rotation import (
     rotate_output,
     scale_input,
     scale_output,
+    sink_preserving_rotation,
     topk_error_curve,
 )
 from .topk import allocate_keep_k, attach_output_rotation
 
 CALIBRATED_METHODS = ("auto", "larosa")
+ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled")
 
 
 @dataclass(frozen=True)
 class AutoOptions:
     """Switches of the ``auto`` pipeline (the defaults are ``auto``; the others exist for ablations).
 
-    rotations: candidate residual bases per layer, from "identity", "global" (one basis for every layer: PCA
-        of the normalised attention inputs averaged over layers), "pca" (the layer's normalised attention
-        input), "pca_scaled" (the attention norm's output). scaling: fold WINA column-norm scales.
+    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES`: "identity", "global" (one basis
+        for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
+        normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
+        sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
+        output). scaling: fold WINA column-norm scales.
     allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
     charge_rotations: with error allocation, rotations pay for the weights they add at run time (residual
         adapters where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
@@ -77,11 +83,17 @@ class AutoOptions:
         and in the errors, which are then absolute (comparable across sites and layers); else relative.
     """
 
-    rotations: tuple[str, ...] = ("identity", "global", "pca", "pca_scaled")
+    rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled")
     scaling: bool = True
     allocation: str = "error"
     loss_weighted: bool = True
     charge_rotations: bool = True
+
+    def __post_init__(self):
+        unknown = [name for name in self.rotations if name not in ROTATION_CANDIDATES]
+        if unknown or not self.rotations:
+            raise ValueError(f"rotation candidates must be a non-empty subset of {ROTATION_CANDIDATES}, got "
+                             f"{self.rotations}")
 
 
 @dataclass
@@ -137,8 +149,9 @@ class Calibration:
 
 @contextlib.contextmanager
 def _site_samples(layer_adapter: LayerAdapter, moments: dict, samples: dict, positions: list):
-    """Hooks: second moments of the normalised attention input (all real tokens, `positions[1]`) and, at `positions[0]`
-    (a (1, seq) bool mask of sampled tokens), rows of the normalised inputs and of the h2/h4 inputs."""
+    """Hooks: second moments of the normalised attention input (all real tokens, `positions[1]`), its row at each
+    sequence's first real token (the attention sink, `samples["sink"]`) and, at `positions[0]` (a (1, seq) bool
+    mask of sampled tokens), rows of the normalised inputs and of the h2/h4 inputs."""
 
     def norm_hook(key, norm):
         eps = layer_adapter.norm_eps(norm)
@@ -147,6 +160,8 @@ def _site_samples(layer_adapter: LayerAdapter, moments: dict, samples: dict, pos
             x = args[0]
             if key in moments:
                 moments[key].add(normalized_rows(x[positions[1]], eps))
+                first = positions[1].int().argmax(dim=1)  # each sequence's first real token: its sink
+                samples["sink"].append(normalized_rows(x[torch.arange(x.shape[0], device=x.device), first], eps))
             samples[key].append(normalized_rows(x[positions[0]], eps))
 
         return hook
@@ -210,7 +225,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         layer_adapter = adapter.layer_adapter_class(step.layer)
         width = layer_adapter.attn_input_norm.weight.shape[-1]
         moments = {"h1": SecondMoment(width)}
-        samples = {site: [] for site in SITES}
+        samples = {site: [] for site in (*SITES, "sink")}
         outputs = []
         current: list = [None, None]
         with _site_samples(layer_adapter, moments, samples, current), torch.no_grad():
@@ -229,16 +244,16 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
 
 
 def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor,
-               shared_basis: torch.Tensor | None) -> torch.Tensor | None:
+               shared_basis: torch.Tensor | None, sink_rows: torch.Tensor) -> torch.Tensor | None:
     if name == "identity":
         return None
+    if name == "pca_sink":
+        return sink_preserving_rotation(attn_moment, sink_rows)
     if name == "global":
         return shared_basis
     if name == "pca":
         return pca_rotation(attn_moment)
-    if name == "pca_scaled":
-        return pca_rotation(norm_scale[:, None] * attn_moment * norm_scale[None, :])
-    raise ValueError(f"unknown rotation candidate {name!r}")
+    return pca_rotation(norm_scale[:, None] * attn_moment * norm_scale[None, :])  # "pca_scaled"
 
 
 def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, positions: list[torch.Tensor]):
@@ -259,6 +274,8 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
                      shared_basis: torch.Tensor | None = None) -> LayerCalibration:
     """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
 
+    rows: sampled rows (n, width) per site, and under "sink" each calibration sequence's first-token row of the
+        normalised attention input (for ``pca_sink``).
     shared_basis: the ``global`` candidate (d, d), the same object for every layer.
 
     With `sensitivity` (`_layer_sensitivity`: loss-weighted), every reader's output rows are weighted by
@@ -267,7 +284,8 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
     Otherwise errors are relative.
     """
     attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
-    rotations = [_candidate(name, attn_moment, attn_scale, shared_basis) for name in options.rotations]
+    rotations = [_candidate(name, attn_moment, attn_scale, shared_basis, rows.get("sink"))
+                 for name in options.rotations]
     post_norms = sum(norm is not None for norm in (layer_adapter.attn_output_norm, layer_adapter.mlp_output_norm))
     rotation_cost = {"adapter_weights": attn_moment.shape[0] ** 2,
                      "output_rotation_weights": attn_moment.shape[0] ** 2 * post_norms}

@@ -29,6 +29,30 @@ def pca_rotation(second_moment: torch.Tensor) -> torch.Tensor:
     return rotation * signs
 
 
+def sink_preserving_rotation(second_moment: torch.Tensor, sink_rows: torch.Tensor, energy: float = 0.9,
+                             max_channels: int | None = None) -> torch.Tensor:
+    """Orthogonal Q (d, d) that leaves the channels of the attention-sink rows unrotated and is the PCA of
+    `second_moment` (d, d) on the other channels; the plain PCA if the sink rows' energy is not concentrated.
+
+    sink_rows (n, d): normalised rows of sink tokens (the first token of each sequence). Their massive
+    activations sit in a few channels; a full PCA spreads them over many directions, where Top-K cuts them.
+    The kept channels: the fewest holding `energy` of the sink rows' energy, at most `max_channels`
+    (default d // 32); they come first, then the PCA directions of the rest, largest eigenvalue first.
+    """
+    width = second_moment.shape[0]
+    share = sink_rows.double().pow(2).sum(0)
+    share = share / share.sum()
+    order = torch.argsort(share, descending=True)
+    count = int((share[order].cumsum(0) < energy).sum()) + 1
+    if count > (max_channels or width // 32):
+        return pca_rotation(second_moment)
+    kept, rest = order[:count].sort().values, order[count:].sort().values
+    rotation = torch.zeros(width, width, dtype=torch.float64, device=second_moment.device)
+    rotation[kept, torch.arange(count)] = 1.0
+    rotation[rest[:, None], torch.arange(count, width)[None, :]] = pca_rotation(second_moment[rest][:, rest])
+    return rotation
+
+
 def fold_input(weight: torch.Tensor, scale: torch.Tensor | None, rotation: torch.Tensor | None) -> torch.Tensor:
     """Weight (out, in) of a linear reading norm output `scale * x_hat` from a stream rotated by `rotation`.
 

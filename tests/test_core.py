@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import rotsparse
 from rotsparse.config import SITES, SparsifyConfig, SparsityPlan
-from rotsparse.rotation import fold_input, pca_rotation, residual_adapter, rotate_output
+from rotsparse.rotation import fold_input, pca_rotation, residual_adapter, rotate_output, sink_preserving_rotation
 from rotsparse.topk import TopKLinear, allocate_keep_k, keep_topk
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
@@ -125,6 +125,25 @@ def test_pca_rotation_is_orthogonal_sorted_and_deterministic():
     assert torch.equal(pca_rotation(moment.clone()), rotation)
     with pytest.raises(ValueError, match="NaN"):
         pca_rotation(torch.full((3, 3), math.nan))
+
+
+def test_sink_preserving_rotation_keeps_the_sink_channels_and_rotates_the_rest():
+    width = 64
+    data = torch.randn(400, width, dtype=torch.float64) @ torch.randn(width, width, dtype=torch.float64)
+    moment = data.T @ data / 400
+    sink = torch.randn(3, width, dtype=torch.float64) * 0.05
+    sink[:, [5, 40]] = torch.tensor([30.0, -20.0], dtype=torch.float64)  # a massive activation in two channels
+    rotation = sink_preserving_rotation(moment, sink)
+    assert torch.allclose(rotation.T @ rotation, torch.eye(width, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(rotation[:, :2], torch.eye(width, dtype=torch.float64)[:, [5, 40]])  # kept, first
+    rotated = sink @ rotation
+    assert (rotated[:, :2].pow(2).sum(1) / rotated.pow(2).sum(1) > 0.99).all()  # still in two entries
+    rest = [i for i in range(width) if i not in (5, 40)]
+    block = rotation[rest][:, 2:]
+    diagonal = block.T @ moment[rest][:, rest] @ block  # the PCA of the other channels
+    assert torch.allclose(diagonal, torch.diag(torch.diagonal(diagonal)), atol=1e-9)
+    spread = torch.randn(3, width, dtype=torch.float64)  # not concentrated: the plain PCA
+    assert torch.equal(sink_preserving_rotation(moment, spread), pca_rotation(moment))
 
 
 def random_rotation(width: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ import rotsparse
 from rotsparse.adapters import get_adapter
 from rotsparse.api import calibrate, site_sizes_for
 from rotsparse.config import SITES, SparsifyConfig
-from rotsparse.methods import (AutoOptions, Calibration, LayerCalibration, allocate_by_error, choose,
-                               fold_rotations, fold_scales)
+from rotsparse.methods import (ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
+                               choose, fold_rotations, fold_scales)
 from rotsparse.rotation import column_scale, expand_head_scale, grouped_head_scale, topk_error_curve
 from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
 
@@ -25,7 +25,7 @@ def logits(model, tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_scaled",), ("global",), ("identity", "pca"),
+@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_sink",), ("pca_scaled",), ("global",), ("identity", "pca"),
                                        ("identity", "global", "pca")])
 def test_auto_folding_is_exact_at_sparsity_zero(family, rotations):
     """Scales and every kind of rotation (forced, so folding is really exercised) leave the function unchanged."""
@@ -33,6 +33,7 @@ def test_auto_folding_is_exact_at_sparsity_zero(family, rotations):
     tokens = random_tokens()
     expected = logits(model, tokens)
     calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           options=AutoOptions(rotations=ROTATION_CANDIDATES),
                            progress=False).restricted(AutoOptions(rotations=rotations))
     if len(rotations) == 1 and rotations[0] != "identity":
         assert all(layer.rotations[0] is not None for layer in calibrated.layers)
