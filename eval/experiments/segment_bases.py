@@ -8,7 +8,12 @@ SmolLM2 (log: eval/results/experiments/segment_bases_smollm2-135m.log): seg5 eve
 weights) 0.48 / 0.50 of the topk gap -- far better than the shared basis (0.64 / 0.61) -- but given the choice,
 the calibrated chooser prefers seg10 in 20 layers (0.62 / 0.58), which is worse in reality: the error proxy does
 not rank these bases right, so a group size would be a hand-set knob; not adopted.
-Usage: python eval/experiments/segment_bases.py MODEL 5,10
+With a third argument `first-token-dense` (log: segment_bases_first_token_dense_smollm2-135m.log): calibrate only
+identity + the seg<G> candidates and evaluate each seg<G> with every window's first token computed densely:
+seg5 0.48 / 0.49 (unchanged: its sink channels are kept), seg10 0.55 / 0.54 instead of 0.64 / 0.59: the
+groups of 10 damage the sink token, which the 512 sampled error rows almost never contain -- why the proxy
+mis-ranks them.
+Usage: python eval/experiments/segment_bases.py MODEL 5,10 [first-token-dense]
 """
 import sys, copy, torch
 from pathlib import Path
@@ -26,6 +31,7 @@ from rotsparse.rotation import sink_preserving_rotation
 torch.set_num_threads(1)
 model_name = sys.argv[1]
 sizes = [int(x) for x in sys.argv[2].split(",")]
+first_token_dense = sys.argv[3:] == ["first-token-dense"]
 dense, tok = load_model(model_name)
 ev = load_texts("embedded", part="evaluation")
 cal = calibration_batch(tok, load_texts("embedded", part="calibration"), num_sequences=4, sequence_length=2048)
@@ -59,12 +65,28 @@ def cal_layer(*a, **k):
     out = orig_cal(*a, **k); state["layer"] += 1; return out
 methods._candidate, methods._calibrate_layer = cand, cal_layer
 full = AutoOptions(rotations=("identity", "global", "pca_sink", "pca_scaled") + names)
-c = calibrate(dense, calibration=cal, config=SparsifyConfig(num_sequences=4, error_tokens=512), options=full, progress=False)
+c = calibrate(dense, calibration=cal, config=SparsifyConfig(num_sequences=4, error_tokens=512),
+              options=AutoOptions(rotations=("identity",) + names) if first_token_dense else full, progress=False)
 print("calibration s", c.seconds, flush=True)
 dppl = {"smollm2-135m": 11.55251647959292, "gemma3-270m": 12.963095807488683}[model_name]
 topk = {"smollm2-135m": {0.4: 2.74, 0.5: 7.323}, "gemma3-270m": {0.4: 2.67, 0.5: 7.731}}[model_name]
 from rotsparse.topk import ROTATION_BUFFER
-for vname, o in {"auto+segments": full, **{f"charged id+{n}": AutoOptions(rotations=("identity", n)) for n in names}}.items():
+variants = {f"charged id+{n}": AutoOptions(rotations=("identity", n)) for n in names}
+if first_token_dense:
+    import torch.nn.functional as F
+    from rotsparse import topk as topk_mod
+    sparse_forward = topk_mod.TopKLinear.forward
+
+    def sink_forward(self, x):
+        out = sparse_forward(self, x)
+        if x.dim() == 3 and x.shape[1] > 1:
+            out = out.clone(); out[:, :1] = F.linear(x[:, :1], self.weight, self.bias)
+        return out
+    topk_mod.TopKLinear.forward = sink_forward
+    variants = {f"first token dense, {name}": options for name, options in variants.items()}
+else:
+    variants = {"auto+segments": full, **variants}
+for vname, o in variants.items():
     for sp in (0.4, 0.5):
         m = sparsify(copy.deepcopy(dense), config=SparsifyConfig(sparsity=sp, num_sequences=4, error_tokens=512), calibrated=c.restricted(o), progress=False)
         choice, _ = methods.choose(c.restricted(o), m.rotsparse_plan.site_sizes, sp, m.rotsparse_plan.config.coefficients)
