@@ -244,7 +244,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
 
 
 def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor,
-               shared_basis: torch.Tensor | None, sink_rows: torch.Tensor) -> torch.Tensor | None:
+               shared_basis: torch.Tensor | None, sink_rows: torch.Tensor | None) -> torch.Tensor | None:
     if name == "identity":
         return None
     if name == "pca_sink":
