@@ -123,11 +123,10 @@ def main(argv=None) -> None:
             calibrated = None
             if method != "topk":
                 # the default candidates, plus any the variant needs (e.g. plain "pca"): its own calibration
-                candidates = AutoOptions().rotations
-                if options is not None and not set(options.rotations) <= set(candidates):
-                    candidates += tuple(name for name in options.rotations if name not in candidates)
-                full = None if options is None else AutoOptions(rotations=candidates, scaling=options.scaling,
-                                                                 loss_weighted=options.loss_weighted)
+                default = AutoOptions().rotations
+                full = None if options is None else AutoOptions(
+                    rotations=default + tuple(name for name in options.rotations if name not in default),
+                    scaling=options.scaling, loss_weighted=options.loss_weighted)
                 key = (method, full)
                 if key not in calibrations:
                     calibrations[key] = calibrate(dense, calibration=calibration_ids, config=base_config,

@@ -19,8 +19,9 @@ rows always include each calibration sequence's first token, weighted by its sha
 short of groups of 5 everywhere (0.48 / 0.50). The proxy sees part of the sink damage, not all.
 Usage: python eval/experiments/segment_bases.py MODEL 5,10 [first-token-dense | sink-rows]
 """
-import sys, copy, torch
+import contextlib, sys, copy, torch
 from pathlib import Path
+from first_token_dense import dense_first_token  # (this folder is on sys.path when run as a script)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rotsparse import methods
 from rotsparse.api import sparsify, calibrate
@@ -100,23 +101,14 @@ variants = {f"charged id+{n}": AutoOptions(rotations=("identity", n)) for n in n
 if mode == "sink-rows":
     variants = {"sink rows in proxy, id+" + "+".join(names): AutoOptions(rotations=("identity",) + names)}
 elif mode == "first-token-dense":
-    import torch.nn.functional as F
-    from rotsparse import topk as topk_mod
-    sparse_forward = topk_mod.TopKLinear.forward
-
-    def sink_forward(self, x):
-        out = sparse_forward(self, x)
-        if x.dim() == 3 and x.shape[1] > 1:
-            out = out.clone(); out[:, :1] = F.linear(x[:, :1], self.weight, self.bias)
-        return out
-    topk_mod.TopKLinear.forward = sink_forward
     variants = {f"first token dense, {name}": options for name, options in variants.items()}
 else:
     variants = {"auto+segments": full, **variants}
-for vname, o in variants.items():
-    for sp in (0.4, 0.5):
-        m = sparsify(copy.deepcopy(dense), config=SparsifyConfig(sparsity=sp, num_sequences=4, error_tokens=512), calibrated=c.restricted(o), progress=False)
-        choice, _ = methods.choose(c.restricted(o), m.rotsparse_plan.site_sizes, sp, m.rotsparse_plan.config.coefficients)
-        p = perplexity(m, tok, ev, seqlen=2048, max_tokens=4096, progress=False).ppl
-        extra = sum(getattr(x, ROTATION_BUFFER).numel() for x in m.modules() if hasattr(x, ROTATION_BUFFER))
-        print(model_name, vname, sp, f"ppl {p:.3f} gap {p - dppl:+.3f} ratio {(p - dppl) / topk[sp]:.2f} rot-weights {extra} choice {''.join(map(str, choice))}", flush=True)
+with dense_first_token() if mode == "first-token-dense" else contextlib.nullcontext():
+    for vname, o in variants.items():
+        for sp in (0.4, 0.5):
+            m = sparsify(copy.deepcopy(dense), config=SparsifyConfig(sparsity=sp, num_sequences=4, error_tokens=512), calibrated=c.restricted(o), progress=False)
+            choice, _ = methods.choose(c.restricted(o), m.rotsparse_plan.site_sizes, sp, m.rotsparse_plan.config.coefficients)
+            p = perplexity(m, tok, ev, seqlen=2048, max_tokens=4096, progress=False).ppl
+            extra = sum(getattr(x, ROTATION_BUFFER).numel() for x in m.modules() if hasattr(x, ROTATION_BUFFER))
+            print(model_name, vname, sp, f"ppl {p:.3f} gap {p - dppl:+.3f} ratio {(p - dppl) / topk[sp]:.2f} rot-weights {extra} choice {''.join(map(str, choice))}", flush=True)
