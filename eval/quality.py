@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -28,10 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rotsparse.api import calibrate, sparsify
 from rotsparse.config import SparsifyConfig
+from rotsparse import methods
+from rotsparse.config import SITES
 from rotsparse.methods import AutoOptions
 from rotsparse.topk import ROTATION_BUFFER
 
 RESULTS = Path(__file__).parent / "results"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "calibration"
 LAROSA_COEFFICIENTS = (0.8, 1.2, 0.8, 1.2)
 
 # name -> (library method, AutoOptions restricting the auto calibration, explicit site coefficients)
@@ -48,10 +52,11 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "auto-pca-only": ("auto", AutoOptions(rotations=("identity", "pca")), None),
     "auto-no-global": ("auto", AutoOptions(rotations=("identity", "pca", "pca_scaled")), None),
     "wina+global": ("auto", AutoOptions(rotations=("global",)), None),
-    "auto-unweighted": ("auto", AutoOptions(loss_weighted=False), None),
+    "auto-unweighted": ("auto", AutoOptions(loss_weighted=False, value_rotation=False), None),
     "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
-    "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False), None),
-    "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False), None),
+    "auto-no-value-rotation": ("auto", AutoOptions(value_rotation=False), None),
+    "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False, value_rotation=False), None),
+    "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False, value_rotation=False), None),
 }
 
 
@@ -74,6 +79,33 @@ def adapter_overhead(model: torch.nn.Module) -> float:
     return extra / total
 
 
+def chosen_plan(model, calibrated) -> dict:
+    """What `auto` chose for one sparsity: K per site per layer, residual basis and value rotation per layer."""
+    plan = model.rotsparse_plan
+    choice, _ = methods.choose(calibrated, plan.site_sizes, plan.config.sparsity, plan.config.coefficients)
+    value_choice = methods.choose_value_rotations(calibrated.layers, plan.keep_k)
+    return {"sparsity": plan.config.sparsity, "effective_sparsity": plan.effective_sparsity,
+            "adapter_overhead": adapter_overhead(model),
+            "sites": list(SITES), "keep_k": [list(layer_k) for layer_k in plan.keep_k],
+            "widths": [[width for width, _ in layer] for layer in plan.site_sizes],
+            "residual_basis": [calibrated.options.rotations[index] for index in choice],
+            "value_rotation": [bool(index) for index in value_choice]}
+
+
+def write_artifact(path: Path, calibrated, config: SparsifyConfig, plans: list[dict], command: str,
+                   commit: str) -> None:
+    """The calibration recipe and the per-layer choices of `auto` at every sparsity run, as JSON data."""
+    recipe = {"text": "embedded (pydoc_data.topics), calibration part", "num_sequences": config.num_sequences,
+              "sequence_length": config.sequence_length, "tokens": calibrated.tokens,
+              "error_tokens": config.error_tokens, "loss_sensitivity_sequences": min(4, config.num_sequences),
+              "seed": config.seed, "options": dataclasses.asdict(calibrated.options),
+              "calibration_seconds": calibrated.seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"recipe": recipe, "command": command, "commit": commit}
+    lines = ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in head.items())
+    path.write_text("{\n" + lines + ',\n "plans": [\n  ' + ",\n  ".join(map(json.dumps, plans)) + "\n ]\n}\n")
+
+
 def evaluate(model, tokenizer, texts, eval_tokens: int | None) -> tuple[float, int]:
     from rotsparse.evaluation import perplexity
 
@@ -94,6 +126,8 @@ def main(argv=None) -> None:
                         help="take the dense ppl from the latest record in --out with the same model and --eval-tokens")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.jsonl")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "quality.md")
+    parser.add_argument("--artifacts", type=Path, default=ARTIFACTS,
+                        help="where the default method's recipe and per-layer choices are written (MODEL/auto.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +160,8 @@ def main(argv=None) -> None:
                 default = AutoOptions().rotations
                 full = None if options is None else AutoOptions(
                     rotations=default + tuple(name for name in options.rotations if name not in default),
-                    scaling=options.scaling, loss_weighted=options.loss_weighted)
+                    scaling=options.scaling, loss_weighted=options.loss_weighted,
+                    value_rotation=options.loss_weighted or not options.scaling)
                 key = (method, full)
                 if key not in calibrations:
                     calibrations[key] = calibrate(dense, calibration=calibration_ids, config=base_config,
@@ -134,10 +169,13 @@ def main(argv=None) -> None:
                 calibrated = calibrations[key]
                 if options is not None:
                     calibrated = calibrated.restricted(options)
+            plans = []
             for sparsity in args.sparsities:
                 model = copy.deepcopy(dense)
                 config = SparsifyConfig(**{**base_config.to_dict(), "sparsity": sparsity})
                 sparsify(model, config=config, calibrated=calibrated, progress=False)
+                if name == "auto":
+                    plans.append(chosen_plan(model, calibrated))
                 started = time.perf_counter()
                 sparse_ppl, _ = evaluate(model, tokenizer, eval_texts, args.eval_tokens)
                 gap = sparse_ppl - dense_ppl
@@ -162,6 +200,9 @@ def main(argv=None) -> None:
                     handle.write(json.dumps(record) + "\n")
                 render(args.out, args.markdown)
                 del model
+            if name == "auto":
+                write_artifact(args.artifacts / model_name / "auto.json", calibrated, base_config, plans, command,
+                               commit)
 
 
 def render(results: Path, markdown: Path) -> None:

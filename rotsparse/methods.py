@@ -29,6 +29,9 @@ requested sparsity, so one calibration serves every sparsity.
   3. K per site per layer minimising the sum of calibrated errors under the parameter-weighted budget
      (Lagrangian on exact error curves; its multiplier is the price per weight in 2), unless
      `site_coefficients` is given; 2 and 3 alternate until the rotation choice is stable.
+  4. Per layer, a rotation of every value head (PCA of the attention outputs that read it), folded into
+     v_proj's rows and o_proj's columns: free at run time (attention mixes each head's values linearly),
+     so h2's curve in 3 is the smaller of the two at every K, and each layer takes the one better at its K.
 ``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
 ``topk``: magnitude Top-K on the unchanged model, no calibration.
 """
@@ -52,6 +55,8 @@ from .rotation import (
     expand_head_scale,
     fold_input,
     grouped_head_scale,
+    head_block_rotation,
+    head_rotations,
     pca_rotation,
     residual_adapter,
     rotate_embedding,
@@ -81,6 +86,9 @@ class AutoOptions:
         adapters where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
     loss_weighted: weigh every linear output by its loss sensitivity (`loss_sensitivity`), in the WINA scales
         and in the errors, which are then absolute (comparable across sites and layers); else relative.
+    value_rotation: offer, per layer, a rotation of every value head (PCA of its attention outputs) folded into
+        v_proj's rows and o_proj's columns: free at run time; taken where its h2 error at the allocated K is
+        lower. Needs loss-weighted errors when scaling (relative h1 errors would depend on that choice).
     """
 
     rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled")
@@ -88,12 +96,15 @@ class AutoOptions:
     allocation: str = "error"
     loss_weighted: bool = True
     charge_rotations: bool = True
+    value_rotation: bool = True
 
     def __post_init__(self):
         unknown = [name for name in self.rotations if name not in ROTATION_CANDIDATES]
         if unknown or not self.rotations:
             raise ValueError(f"rotation candidates must be a non-empty subset of {ROTATION_CANDIDATES}, got "
                              f"{self.rotations}")
+        if self.value_rotation and self.scaling and not self.loss_weighted:
+            raise ValueError("value_rotation with scaling needs loss_weighted=True (or pass value_rotation=False)")
 
 
 @dataclass
@@ -103,12 +114,14 @@ class LayerCalibration:
     rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order; the same
         tensor object in two layers is one shared basis (no residual adapter between them).
     curves[site]: Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one curve per
-        candidate rotation, for h2 and h4 one curve.
-    scales[site]: WINA scales to fold (`fold_scales`): h1/h3 one (d,) per candidate rotation, h2 one per
-        value channel, h4 one per down_proj input; empty without scaling.
+        candidate rotation, for h2 one per candidate value rotation, for h4 one curve.
+    scales[site]: WINA scales to fold (`fold_scales`), one per candidate like the curves: h1/h3 (d,), h2 one
+        per value channel, h4 one per down_proj input; empty without scaling.
     adapter_weights: weights of a residual adapter (d x d) into this layer's basis from a different one.
     output_rotation_weights: weights a rotated basis adds inside the layer (one d x d output rotation per
         post-norm; 0 without post-norms).
+    value_rotations: candidate value-head rotations (kv_heads, head_dim, head_dim) float64, None = identity
+        (`head_rotations`; folded by `fold_value_rotation`, free at run time).
     """
 
     rotations: list[torch.Tensor | None]
@@ -116,6 +129,7 @@ class LayerCalibration:
     scales: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     adapter_weights: int = 0
     output_rotation_weights: int = 0
+    value_rotations: list[torch.Tensor | None] = field(default_factory=lambda: [None])
 
 
 @dataclass
@@ -133,15 +147,19 @@ class Calibration:
     def restricted(self, options: AutoOptions) -> Calibration:
         """The same measurements seen with fewer rotation candidates or another allocation (ablations)."""
         if (options.scaling != self.options.scaling or options.loss_weighted != self.options.loss_weighted
-                or not set(options.rotations) <= set(self.options.rotations)):
+                or not set(options.rotations) <= set(self.options.rotations)
+                or options.value_rotation > self.options.value_rotation):
             raise ValueError(f"{options} is not a restriction of {self.options}")
         keep = [self.options.rotations.index(name) for name in options.rotations]
         def pick(per_site: dict) -> dict:
-            return {site: [values[i] for i in keep] if site in ("h1", "h3") else values
+            return {site: [values[i] for i in keep] if site in ("h1", "h3") else
+                    values if site != "h2" or options.value_rotation else values[:1]
                     for site, values in per_site.items()}
 
         layers = [LayerCalibration([layer.rotations[i] for i in keep], pick(layer.curves), pick(layer.scales),
-                                   layer.adapter_weights, layer.output_rotation_weights) for layer in self.layers]
+                                   layer.adapter_weights, layer.output_rotation_weights,
+                                   layer.value_rotations if options.value_rotation else layer.value_rotations[:1])
+                  for layer in self.layers]
         return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
 
 
@@ -149,9 +167,11 @@ class Calibration:
 
 @contextlib.contextmanager
 def _site_samples(layer_adapter: LayerAdapter, moments: dict, samples: dict, positions: list):
-    """Hooks: second moments of the normalised attention input (all real tokens, `positions[1]`), its row at each
-    sequence's first real token (the attention sink, `samples["sink"]`) and, at `positions[0]` (a (1, seq) bool
-    mask of sampled tokens), rows of the normalised inputs and of the h2/h4 inputs."""
+    """Hooks: second moments of the normalised attention input and, per value head, of the attention outputs
+    (o_proj's input; `moments["h2"]`: one `SecondMoment` per value head, all query heads reading it pooled), on
+    all real tokens (`positions[1]`); the normalised attention input's row at each sequence's first real token
+    (the attention sink, `samples["sink"]`); and, at `positions[0]` (a (1, seq) bool mask of sampled tokens),
+    rows of the normalised inputs and of the h2/h4 inputs."""
 
     def norm_hook(key, norm):
         eps = layer_adapter.norm_eps(norm)
@@ -168,6 +188,12 @@ def _site_samples(layer_adapter: LayerAdapter, moments: dict, samples: dict, pos
 
     def input_hook(key):
         def hook(module, args):
+            if key in moments:
+                heads = moments[key]
+                rows = args[0][positions[1]]
+                grouped = rows.reshape(rows.shape[0], len(heads), -1, heads[0].sum.shape[0])
+                for index, moment in enumerate(heads):
+                    moment.add(grouped[:, index].reshape(-1, grouped.shape[-1]))
             samples[key].append(args[0][positions[0]].double())
 
         return hook
@@ -207,7 +233,8 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         raise ValueError(f"method {config.method!r} needs no calibration")
     options = options or AutoOptions()
     if config.method == "larosa":
-        options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False)
+        options = AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False,
+                              value_rotation=False)
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
     sensitivity = shared_basis = None
@@ -225,6 +252,10 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         layer_adapter = adapter.layer_adapter_class(step.layer)
         width = layer_adapter.attn_input_norm.weight.shape[-1]
         moments = {"h1": SecondMoment(width)}
+        if options.value_rotation:
+            heads, kv_heads = _attention_heads(layer_adapter)
+            head_dim = layer_adapter.o_proj.in_features // heads
+            moments["h2"] = [SecondMoment(head_dim) for _ in range(kv_heads)]
         samples = {site: [] for site in (*SITES, "sink")}
         outputs = []
         current: list = [None, None]
@@ -237,8 +268,10 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         tokens = moments["h1"].tokens
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
+        value_moments = torch.stack([moment.mean for moment in moments["h2"]]) if "h2" in moments else None
         layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options,
-                                       _layer_sensitivity(sensitivity, step.index, positions), shared_basis))
+                                       _layer_sensitivity(sensitivity, step.index, positions), shared_basis,
+                                       value_moments))
         error_seconds += time.perf_counter() - error_start
     return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
 
@@ -271,12 +304,15 @@ def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, position
 @torch.no_grad()
 def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
                      options: AutoOptions, sensitivity: tuple[dict, dict] | None,
-                     shared_basis: torch.Tensor | None = None) -> LayerCalibration:
+                     shared_basis: torch.Tensor | None = None,
+                     value_moments: torch.Tensor | None = None) -> LayerCalibration:
     """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
 
     rows: sampled rows (n, width) per site, and under "sink" each calibration sequence's first-token row of the
         normalised attention input (for ``pca_sink``).
     shared_basis: the ``global`` candidate (d, d), the same object for every layer.
+    value_moments: (kv_heads, head_dim, head_dim) second moments of the attention outputs per value head, for
+        the value-rotation candidate (`AutoOptions.value_rotation`).
 
     With `sensitivity` (`_layer_sensitivity`: loss-weighted), every reader's output rows are weighted by
     sqrt(fisher) for the WINA column norms; errors are absolute, in units of loss, each row's error at
@@ -289,8 +325,10 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
     post_norms = sum(norm is not None for norm in (layer_adapter.attn_output_norm, layer_adapter.mlp_output_norm))
     rotation_cost = {"adapter_weights": attn_moment.shape[0] ** 2,
                      "output_rotation_weights": attn_moment.shape[0] ** 2 * post_norms}
-    if options.allocation != "error" and len(rotations) == 1 and not options.scaling:
-        return LayerCalibration(rotations, **rotation_cost)
+    heads, kv_heads = _attention_heads(layer_adapter)
+    value_rotations = [None] if value_moments is None else [None, head_rotations(value_moments)]
+    if options.allocation != "error" and len(rotations) == 1 and not options.scaling and value_moments is None:
+        return LayerCalibration(rotations, **rotation_cost, value_rotations=value_rotations)
     weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
                for site, linears in layer_adapter.site_modules().items()}
     if sensitivity is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
@@ -308,21 +346,25 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
 
     curves = {site: [] for site in SITES}
     scales = {site: [] for site in SITES} if options.scaling else {}
-    for site, producer_site, producer_index in (("h2", "h1", 2), ("h4", "h3", 1)):
-        weight, inputs = weights[site][0], rows[site]
-        if options.scaling:
-            scale = column_scale([weight])
-            if site == "h2":
-                heads, kv_heads = _attention_heads(layer_adapter)
-                scales[site].append(grouped_head_scale(scale, heads, kv_heads))
-                scale = expand_head_scale(scales[site][0], heads, kv_heads)
-            else:
-                scales[site].append(scale)
-            weight, inputs = scale_input(weight, scale), inputs * scale
-            if sensitivity is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
-                readers = weights[producer_site]
-                readers[producer_index] = readers[producer_index] * scales[site][0][:, None]
-        curves[site].append(curve(site, inputs, [weight]))
+    site_candidates = (("h2", "h1", 2, value_rotations), ("h4", "h3", 1, [None]))
+    for site, producer_site, producer_index, candidates in site_candidates:
+        for rotation in candidates:
+            weight, inputs = weights[site][0], rows[site]
+            if rotation is not None:
+                block = head_block_rotation(rotation, heads)
+                weight, inputs = fold_input(weight, None, block), inputs @ block
+            if options.scaling:
+                scale = column_scale([weight])
+                if site == "h2":
+                    scales[site].append(grouped_head_scale(scale, heads, kv_heads))
+                    scale = expand_head_scale(scales[site][-1], heads, kv_heads)
+                else:
+                    scales[site].append(scale)
+                weight, inputs = scale_input(weight, scale), inputs * scale
+                if sensitivity is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
+                    readers = weights[producer_site]  # (only one candidate here: `AutoOptions` checks)
+                    readers[producer_index] = readers[producer_index] * scales[site][0][:, None]
+            curves[site].append(curve(site, inputs, [weight]))
     for site, norm in (("h1", layer_adapter.attn_input_norm), ("h3", layer_adapter.mlp_input_norm)):
         norm_scale = layer_adapter.norm_scale(norm).double().cpu()
         for rotation in rotations:
@@ -333,7 +375,7 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
                 scales[site].append(scale)
                 inputs, readers = inputs * scale, [scale_input(w, scale) for w in readers]
             curves[site].append(curve(site, inputs, readers))
-    return LayerCalibration(rotations, curves, scales, **rotation_cost)
+    return LayerCalibration(rotations, curves, scales, **rotation_cost, value_rotations=value_rotations)
 
 
 def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
@@ -362,10 +404,21 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
         choice = _choose_rotations(layers, keep_k, site_sizes, price, options.charge_rotations)
         if options.allocation != "error" or (round_index > 0 and choice == previous):
             break
-        curves = [[layer.curves[site][choice[i] if site in ("h1", "h3") else 0] for site in SITES]
-                  for i, layer in enumerate(layers)]
+        curves = [[_value_curve(layer) if site == "h2" else layer.curves[site][choice[i] if site in ("h1", "h3") else 0]
+                   for site in SITES] for i, layer in enumerate(layers)]
         keep_k, price = allocate_by_error(curves, site_sizes, sparsity)
     return choice, keep_k
+
+
+def _value_curve(layer: LayerCalibration) -> torch.Tensor:
+    """The h2 error at every K with the better value rotation there: they are free, so each K takes its best."""
+    return torch.stack(layer.curves["h2"]).min(0).values
+
+
+def choose_value_rotations(layers: list[LayerCalibration], keep_k) -> list[int]:
+    """Per layer, the value-rotation candidate with the smallest h2 error at the layer's K (`keep_k[l][1]`)."""
+    return [min(range(len(layer.curves["h2"])), key=lambda c: float(layer.curves["h2"][c][layer_k[1]]))
+            if layer.curves else 0 for layer, layer_k in zip(layers, keep_k)]
 
 
 def _choose_rotations(layers: list[LayerCalibration], keep_k, site_sizes, price: float | None,
@@ -512,6 +565,21 @@ def _fold_layer(layer_adapter: LayerAdapter, rotation: torch.Tensor | None) -> N
 
 
 @torch.no_grad()
+def fold_value_rotation(layer_adapter: LayerAdapter, rotations: torch.Tensor) -> None:
+    """Rotate every value head (kv_heads, head_dim, head_dim): v_proj rows (and bias) -> R^T W_v per value head,
+    o_proj columns -> W_o R per query head (its group's R). Exact: attention mixes each head's values linearly."""
+    heads, kv_heads = _attention_heads(layer_adapter)
+    if rotations.shape[0] != kv_heads:
+        raise ValueError(f"{rotations.shape[0]} value-head rotations for {kv_heads} value heads")
+    v_proj, o_proj = layer_adapter.layer.self_attn.v_proj, layer_adapter.o_proj
+    weight, bias = rotate_output(v_proj.weight, v_proj.bias, head_block_rotation(rotations, kv_heads).to(v_proj.weight.device))
+    v_proj.weight.copy_(weight)
+    if bias is not None:
+        v_proj.bias.copy_(bias)
+    o_proj.weight.copy_(fold_input(o_proj.weight, None, head_block_rotation(rotations, heads).to(o_proj.weight.device)))
+
+
+@torch.no_grad()
 def fold_scales(layer_adapter: LayerAdapter, scales: dict[str, torch.Tensor] | None = None) -> None:
     """Fold WINA scales into one layer whose pre-norms are unit (after `fold_rotations`); exact for any scales.
 
@@ -553,10 +621,13 @@ def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfi
         keep_k = allocate_keep_k(site_sizes, config.sparsity, coefficients)
     rotations = [layer.rotations[index] for layer, index in zip(calibration.layers, choice)]
     fold_rotations(adapter, rotations)
-    if calibration.options.scaling:
-        for layer_adapter, layer, index in zip(adapter.layer_adapters(), calibration.layers, choice):
-            scales = {site: values[index] if site in ("h1", "h3") else values[0]
-                      for site, values in layer.scales.items()}
-            with materialized(layer_adapter.layer):
-                fold_scales(layer_adapter, scales)
+    value_choice = choose_value_rotations(calibration.layers, keep_k)
+    for layer_adapter, layer, index, value_index in zip(adapter.layer_adapters(), calibration.layers, choice,
+                                                        value_choice):
+        with materialized(layer_adapter.layer):
+            if layer.value_rotations[value_index] is not None:
+                fold_value_rotation(layer_adapter, layer.value_rotations[value_index])
+            if calibration.options.scaling:
+                chosen = {"h1": index, "h2": value_index, "h3": index, "h4": 0}
+                fold_scales(layer_adapter, {site: values[chosen[site]] for site, values in layer.scales.items()})
     return keep_k, any(rotation is not None for rotation in rotations), choice

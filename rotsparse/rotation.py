@@ -53,6 +53,24 @@ def sink_preserving_rotation(second_moment: torch.Tensor, sink_rows: torch.Tenso
     return rotation
 
 
+def head_rotations(head_moments: torch.Tensor) -> torch.Tensor:
+    """Per value head, the PCA (`pca_rotation`) of its attention outputs: (kv_heads, head_dim, head_dim) second
+    moments -> (kv_heads, head_dim, head_dim) orthogonal matrices."""
+    if head_moments.ndim != 3:
+        raise ValueError(f"head moments must have shape (kv_heads, head_dim, head_dim), got {tuple(head_moments.shape)}")
+    return torch.stack([pca_rotation(moment) for moment in head_moments])
+
+
+def head_block_rotation(rotations: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Block-diagonal (num_heads * head_dim, num_heads * head_dim) matrix applying every value head's rotation
+    (kv_heads, head_dim, head_dim) to the heads that read it: head j takes rotation j // (num_heads / kv_heads)
+    (the GQA grouping of Hugging Face's `repeat_kv`). num_heads = kv_heads gives the v_proj output side."""
+    kv_heads = rotations.shape[0]
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} heads cannot share {kv_heads} value heads")
+    return torch.block_diag(*rotations.double().repeat_interleave(num_heads // kv_heads, dim=0))
+
+
 def fold_input(weight: torch.Tensor, scale: torch.Tensor | None, rotation: torch.Tensor | None) -> torch.Tensor:
     """Weight (out, in) of a linear reading norm output `scale * x_hat` from a stream rotated by `rotation`.
 

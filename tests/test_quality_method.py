@@ -8,8 +8,9 @@ from rotsparse.adapters import get_adapter
 from rotsparse.api import calibrate, site_sizes_for
 from rotsparse.config import SITES, SparsifyConfig
 from rotsparse.methods import (ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
-                               choose, fold_rotations, fold_scales)
-from rotsparse.rotation import column_scale, expand_head_scale, grouped_head_scale, topk_error_curve
+                               choose, choose_value_rotations, fold_rotations, fold_scales, fold_value_rotation)
+from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_scale, head_block_rotation,
+                                topk_error_curve)
 from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
@@ -288,9 +289,80 @@ def test_loss_weighted_calibration_folds_its_own_scales_exactly():
                            progress=False)
     assert calibrated.options.loss_weighted
     layer = calibrated.layers[0]
-    assert len(layer.scales["h1"]) == len(layer.rotations) and len(layer.scales["h2"]) == 1
+    assert len(layer.scales["h1"]) == len(layer.rotations) and len(layer.scales["h2"]) == len(layer.value_rotations) == 2
     # absolute (loss-unit) errors: decreasing to 0, not normalised to 1 at K = 0
     curve = layer.curves["h3"][0]
     assert curve[-1] == 0 and curve[0] > 0 and not torch.isclose(curve[0], torch.tensor(1.0, dtype=torch.float64))
     rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
     assert relative_error(logits(model, tokens), expected) < 1e-4
+
+
+def _random_head_rotations(kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))[0]
+                        for _ in range(kv_heads)])
+
+
+def test_head_block_rotation_follows_the_gqa_grouping():
+    rotations = _random_head_rotations(2, 3, seed=0)
+    block = head_block_rotation(rotations, num_heads=4)  # heads 0, 1 read value head 0; heads 2, 3 value head 1
+    assert block.shape == (12, 12)
+    for head, value_head in enumerate((0, 0, 1, 1)):
+        assert torch.equal(block[3 * head : 3 * head + 3, 3 * head : 3 * head + 3], rotations[value_head])
+    assert torch.allclose(block.T @ block, torch.eye(12, dtype=torch.float64))
+    assert torch.equal(head_block_rotation(rotations, num_heads=2), torch.block_diag(*rotations))
+    with pytest.raises(ValueError, match="cannot share"):
+        head_block_rotation(rotations, num_heads=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_rotation_folding_is_exact(family):
+    """Any orthogonal matrix per value head, folded into v_proj's rows (and bias) and o_proj's columns, leaves
+    the function unchanged (GQA: query heads sharing a value head share its rotation); the weights change."""
+    model = tiny_model(family)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    layers = get_adapter(model).layer_adapters()
+    v_before = layers[0].layer.self_attn.v_proj.weight.detach().clone()
+    for index, layer in enumerate(layers):
+        fold_value_rotation(layer, _random_head_rotations(2, layer.o_proj.in_features // 4, seed=index))
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    assert relative_error(layers[0].layer.self_attn.v_proj.weight.detach(), v_before) > 0.1
+    with pytest.raises(ValueError, match="value heads"):
+        fold_value_rotation(layers[0], _random_head_rotations(3, layers[0].o_proj.in_features // 4, seed=0))
+
+
+def test_value_rotation_is_taken_where_its_h2_error_is_lower():
+    """Value rotations are free: the allocation sees, per K, the smaller of the two h2 errors, and each layer
+    takes the candidate that is better at its allocated K (here: the rotation wins only when sparse)."""
+    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
+    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    sparse_winner = torch.where(torch.arange(101) < 50, 0.1 * base, 2 * base)
+    layer = LayerCalibration([None], {"h1": [base], "h2": [base, sparse_winner], "h3": [base], "h4": [base]}, {},
+                             value_rotations=[None, torch.eye(4, dtype=torch.float64)])
+    assert choose_value_rotations([layer, layer], (((100, 30, 100, 100)), (100, 70, 100, 100))) == [1, 0]
+    calibration = Calibration("auto", AutoOptions(), [layer] * 2, 0, 0.0, 0.0)
+    _, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
+    assert all(layer_k[1] < 50 for layer_k in keep_k), "the cheap rotated h2 curve must draw sparsity to h2"
+    assert choose_value_rotations([layer] * 2, keep_k) == [1, 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_calibration_offers_a_pca_rotation_of_every_value_head(family):
+    model = tiny_model(family)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False)
+    head_dim = get_adapter(model).layer_adapters()[0].o_proj.in_features // 4
+    for layer in calibrated.layers:
+        assert layer.value_rotations[0] is None and layer.value_rotations[1].shape == (2, head_dim, head_dim)
+        for rotation in layer.value_rotations[1]:
+            assert torch.allclose(rotation.T @ rotation, torch.eye(head_dim, dtype=torch.float64), atol=1e-10)
+        assert len(layer.curves["h2"]) == len(layer.scales["h2"]) == 2
+    without = calibrated.restricted(AutoOptions(value_rotation=False))
+    assert all(layer.value_rotations == [None] and len(layer.curves["h2"]) == 1 for layer in without.layers)
+    with pytest.raises(ValueError, match="not a restriction"):
+        without.restricted(AutoOptions())
+    with pytest.raises(ValueError, match="loss_weighted"):
+        AutoOptions(loss_weighted=False)
+    sparse = rotsparse.sparsify(model, sparsity=0.5, calibrated=calibrated, progress=False)
+    assert abs(sparse.rotsparse_plan.effective_sparsity - 0.5) < 0.05
