@@ -55,8 +55,10 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "auto-unweighted": ("auto", AutoOptions(loss_weighted=False, value_rotation=False), None),
     "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
     "auto-no-value-rotation": ("auto", AutoOptions(value_rotation=False), None),
-    "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False, value_rotation=False), None),
-    "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False, value_rotation=False), None),
+    "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False,
+                                            value_rotation=False), None),
+    "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False, value_rotation=False),
+                              None),
 }
 
 
@@ -228,8 +230,8 @@ def render(results: Path, markdown: Path) -> None:
         lines += [(f"## {model} (dense ppl {dense:.3f}, {eval_tokens} eval tokens, "
                    f"calibration tokens {calibration_tokens or '-'})"), "",
                   "| method | " + " | ".join(f"{s:.0%}: ppl (gap, ratio)" for s in sparsities)
-                  + " | eff. sparsity | adapters | calib. s |",
-                  "|---|" + "---|" * len(sparsities) + "---|---|---|"]
+                  + " | eff. sparsity | adapters | calib. s | commit |",
+                  "|---|" + "---|" * len(sparsities) + "---|---|---|---|"]
         methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "topk", m != "auto", m))
         for method in methods:
             by_sparsity = {r["sparsity"]: r for r in rows if r["method"] == method}
@@ -245,7 +247,8 @@ def render(results: Path, markdown: Path) -> None:
             overhead = max(r["adapter_overhead"] for r in by_sparsity.values())
             seconds = next(iter(by_sparsity.values()))["calibration_seconds"]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {effective} | {overhead:.3f} | "
-                         + ("-" if seconds is None else f"{seconds:.0f}") + " |")
+                         + ("-" if seconds is None else f"{seconds:.0f}") + " | "
+                         + ", ".join(sorted({r.get("commit", "?") for r in by_sparsity.values()})) + " |")
         commands = sorted({r["command"] for r in rows})
         lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
     markdown.write_text("\n".join(lines) + "\n")

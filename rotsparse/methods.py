@@ -404,8 +404,8 @@ def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
         choice = _choose_rotations(layers, keep_k, site_sizes, price, options.charge_rotations)
         if options.allocation != "error" or (round_index > 0 and choice == previous):
             break
-        curves = [[_value_curve(layer) if site == "h2" else layer.curves[site][choice[i] if site in ("h1", "h3") else 0]
-                   for site in SITES] for i, layer in enumerate(layers)]
+        curves = [[layer.curves["h1"][choice[i]], _value_curve(layer), layer.curves["h3"][choice[i]],
+                   layer.curves["h4"][0]] for i, layer in enumerate(layers)]
         keep_k, price = allocate_by_error(curves, site_sizes, sparsity)
     return choice, keep_k
 
@@ -572,7 +572,8 @@ def fold_value_rotation(layer_adapter: LayerAdapter, rotations: torch.Tensor) ->
     if rotations.shape[0] != kv_heads:
         raise ValueError(f"{rotations.shape[0]} value-head rotations for {kv_heads} value heads")
     v_proj, o_proj = layer_adapter.layer.self_attn.v_proj, layer_adapter.o_proj
-    weight, bias = rotate_output(v_proj.weight, v_proj.bias, head_block_rotation(rotations, kv_heads).to(v_proj.weight.device))
+    value_block = head_block_rotation(rotations, kv_heads).to(v_proj.weight.device)
+    weight, bias = rotate_output(v_proj.weight, v_proj.bias, value_block)
     v_proj.weight.copy_(weight)
     if bias is not None:
         v_proj.bias.copy_(bias)

@@ -57,7 +57,8 @@ def head_rotations(head_moments: torch.Tensor) -> torch.Tensor:
     """Per value head, the PCA (`pca_rotation`) of its attention outputs: (kv_heads, head_dim, head_dim) second
     moments -> (kv_heads, head_dim, head_dim) orthogonal matrices."""
     if head_moments.ndim != 3:
-        raise ValueError(f"head moments must have shape (kv_heads, head_dim, head_dim), got {tuple(head_moments.shape)}")
+        raise ValueError(f"head moments must have shape (kv_heads, head_dim, head_dim), got "
+                         f"{tuple(head_moments.shape)}")
     return torch.stack([pca_rotation(moment) for moment in head_moments])
 
 

@@ -289,7 +289,8 @@ def test_loss_weighted_calibration_folds_its_own_scales_exactly():
                            progress=False)
     assert calibrated.options.loss_weighted
     layer = calibrated.layers[0]
-    assert len(layer.scales["h1"]) == len(layer.rotations) and len(layer.scales["h2"]) == len(layer.value_rotations) == 2
+    assert len(layer.scales["h1"]) == len(layer.rotations)
+    assert len(layer.scales["h2"]) == len(layer.value_rotations) == 2
     # absolute (loss-unit) errors: decreasing to 0, not normalised to 1 at K = 0
     curve = layer.curves["h3"][0]
     assert curve[-1] == 0 and curve[0] > 0 and not torch.isclose(curve[0], torch.tensor(1.0, dtype=torch.float64))
