@@ -577,7 +577,8 @@ def fold_value_rotation(layer_adapter: LayerAdapter, rotations: torch.Tensor) ->
     v_proj.weight.copy_(weight)
     if bias is not None:
         v_proj.bias.copy_(bias)
-    o_proj.weight.copy_(fold_input(o_proj.weight, None, head_block_rotation(rotations, heads).to(o_proj.weight.device)))
+    query_block = head_block_rotation(rotations, heads).to(o_proj.weight.device)
+    o_proj.weight.copy_(fold_input(o_proj.weight, None, query_block))
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ evaluation perplexity does (where the loss-weighted error proxy does not)?
 
 Calibrates `auto` (with value rotations) on calibration sequences 0-3 with two extra candidates, bases shared
 by runs of 5 / 10 consecutive layers (``seg5`` / ``seg10``: `sink_preserving_rotation` of the run's summed
-moments, as in segment_bases.py), then for each structure -- `auto` (the chooser: shared basis everywhere),
+moments, from segment_bases.py), then for each structure -- `auto` (the chooser: shared basis everywhere),
 identity + seg5, identity + seg10 (both charged), `auto-uncharged` (per-layer bases, adapters not counted),
 identity only -- measures the loss on calibration sequences 4-5 (4096 tokens of the calibration part, not used
 to calibrate) and the perplexity gap on 4096 held-out tokens. SmolLM2 (log: check_loss_ranking_smollm2-135m.log):
@@ -15,51 +15,21 @@ Usage: python eval/experiments/check_loss_ranking.py MODEL [THREADS]
 import sys, copy, math, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from segment_bases import add_candidates, segment_bases  # (this folder is on sys.path when run as a script)
 from rotsparse import methods
 from rotsparse.api import sparsify, calibrate
-from rotsparse.adapters import get_adapter
-from rotsparse.calibration import normalized_rows
 from rotsparse.config import SparsifyConfig
 from rotsparse.data import calibration_batch, load_texts
 from rotsparse.models import load_model
 from rotsparse.evaluation import perplexity
 from rotsparse.methods import AutoOptions
-from rotsparse.rotation import sink_preserving_rotation
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 model_name = sys.argv[1]
 dense, tok = load_model(model_name)
 ev = load_texts("embedded", part="evaluation")
 cal_all = calibration_batch(tok, load_texts("embedded", part="calibration"), num_sequences=8, sequence_length=2048)
 cal, check = cal_all[:4], cal_all[4:6]
-ad = get_adapter(dense); las = ad.layer_adapters(); L = len(las)
-mom = [0] * L; sink = [[] for _ in range(L)]
-def hook(l, eps):
-    def h(m, args):
-        r = normalized_rows(args[0][0], eps)
-        mom[l] = mom[l] + r.T @ r / r.shape[0]; sink[l].append(r[:1])
-    return h
-hs = [la.attn_input_norm.register_forward_pre_hook(hook(l, la.norm_eps(la.attn_input_norm))) for l, la in enumerate(las)]
-with torch.no_grad():
-    for i in range(4):
-        dense(input_ids=cal[i:i+1])
-for h in hs: h.remove()
-bases = {}
-for g in (5, 10):
-    per = []
-    for start in range(0, L, g):
-        idx = range(start, min(L, start + g))
-        q = sink_preserving_rotation(sum(mom[l] for l in idx), torch.cat([torch.cat(sink[l]) for l in idx]))
-        per += [q] * len(idx)
-    bases[f"seg{g}"] = per
-names = tuple(bases)
-methods.ROTATION_CANDIDATES = methods.ROTATION_CANDIDATES + names
-state = {"layer": 0}
-orig_cand, orig_cal = methods._candidate, methods._calibrate_layer
-def cand(name, *a):
-    return bases[name][state["layer"]] if name in bases else orig_cand(name, *a)
-def cal_layer(*a, **k):
-    out = orig_cal(*a, **k); state["layer"] += 1; return out
-methods._candidate, methods._calibrate_layer = cand, cal_layer
+names = add_candidates(segment_bases(dense, cal, (5, 10)))
 full = AutoOptions(rotations=("identity", "global", "pca_sink", "pca_scaled") + names)
 c = calibrate(dense, calibration=cal, config=SparsifyConfig(num_sequences=4, error_tokens=512), options=full, progress=False)
 print("calibration s", round(c.seconds), flush=True)

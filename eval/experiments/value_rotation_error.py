@@ -14,16 +14,16 @@ from rotsparse.models import load_model
 from rotsparse.data import calibration_batch, load_texts
 from rotsparse.adapters import get_adapter
 from rotsparse.calibration import layerwise
-from rotsparse.rotation import topk_error_curve, column_scale, grouped_head_scale, expand_head_scale, pca_rotation
+from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_scale, head_block_rotation,
+                                head_rotations, topk_error_curve)
 from rotsparse.methods import _attention_heads
 torch.set_num_threads(2)
 name = sys.argv[1]
 model, tok = load_model(name)
 cal = calibration_batch(tok, load_texts("embedded", part="calibration"), num_sequences=4, sequence_length=2048)
-ids = cal
 adapter = get_adapter(model)
 g = torch.Generator().manual_seed(0)
-for step in layerwise(model, adapter, ids, None, progress=False):
+for step in layerwise(model, adapter, cal, None, progress=False):
     la = adapter.layer_adapter_class(step.layer)
     rows = []
     h = la.o_proj.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).double()))
@@ -37,16 +37,13 @@ for step in layerwise(model, adapter, ids, None, progress=False):
         if R is None:
             Wr, tr = W, test
         else:
-            Rfull = torch.block_diag(*[R[j // (heads // kv)] for j in range(heads)])
+            Rfull = head_block_rotation(R, heads)
             Wr, tr = W @ Rfull, test @ Rfull
         s = expand_head_scale(grouped_head_scale(column_scale([Wr]), heads, kv), heads, kv)
         return topk_error_curve(tr * s, Wr / s[None], relative=True)
-    # per kv head PCA on fit rows (all q heads of the group)
-    Rs = []
-    for gi in range(kv):
-        cols = [fit[:, j*hd:(j+1)*hd] for j in range(heads) if j // (heads // kv) == gi]
-        m = sum(c.T @ c for c in cols)
-        Rs.append(pca_rotation(m))
+    # per kv head PCA on fit rows (all q heads of the group), as `auto` computes it
+    grouped = fit.view(fit.shape[0], kv, heads // kv, hd)
+    Rs = head_rotations(torch.einsum("ngqi,ngqj->gij", grouped, grouped))
     ci, cr = curve(None), curve(Rs)
     w = x.shape[1]
     print(step.index, " ".join(f"{int(f*100)}%: {ci[int(w*(1-f))]:.4f}/{cr[int(w*(1-f))]:.4f}" for f in (0.3, 0.5, 0.7, 0.8)), flush=True)
