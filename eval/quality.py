@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rotsparse.api import calibrate, sparsify
 from rotsparse.config import SparsifyConfig
-from rotsparse import methods
 from rotsparse.config import SITES
 from rotsparse.methods import AutoOptions
 from rotsparse.topk import ROTATION_BUFFER
@@ -55,6 +54,8 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "auto-unweighted": ("auto", AutoOptions(loss_weighted=False, value_rotation=False), None),
     "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
     "auto-no-value-rotation": ("auto", AutoOptions(value_rotation=False), None),
+    "auto-no-check": ("auto", AutoOptions(structure_check=False), None),
+    "auto-no-runs": ("auto", AutoOptions(rotations=("identity", "global", "pca_sink", "pca_scaled")), None),
     "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False,
                                             value_rotation=False), None),
     "wina+alloc-unweighted": ("auto", AutoOptions(rotations=("identity",), loss_weighted=False, value_rotation=False),
@@ -81,17 +82,16 @@ def adapter_overhead(model: torch.nn.Module) -> float:
     return extra / total
 
 
-def chosen_plan(model, calibrated) -> dict:
-    """What `auto` chose for one sparsity: K per site per layer, residual basis and value rotation per layer."""
+def chosen_plan(model) -> dict:
+    """What `auto` chose for one sparsity: K per site per layer, residual basis and value rotation per layer,
+    and the check loss of every residual-basis structure compared."""
     plan = model.rotsparse_plan
-    choice, _ = methods.choose(calibrated, plan.site_sizes, plan.config.sparsity, plan.config.coefficients)
-    value_choice = methods.choose_value_rotations(calibrated.layers, plan.keep_k)
     return {"sparsity": plan.config.sparsity, "effective_sparsity": plan.effective_sparsity,
             "adapter_overhead": adapter_overhead(model),
             "sites": list(SITES), "keep_k": [list(layer_k) for layer_k in plan.keep_k],
             "widths": [[width for width, _ in layer] for layer in plan.site_sizes],
-            "residual_basis": [calibrated.options.rotations[index] for index in choice],
-            "value_rotation": [bool(index) for index in value_choice]}
+            "residual_basis": list(plan.residual_bases), "value_rotation": list(plan.value_rotated),
+            "check_losses": dict(plan.check_losses)}
 
 
 def write_artifact(path: Path, calibrated, config: SparsifyConfig, plans: list[dict], command: str,
@@ -99,6 +99,7 @@ def write_artifact(path: Path, calibrated, config: SparsifyConfig, plans: list[d
     """The calibration recipe and the per-layer choices of `auto` at every sparsity run, as JSON data."""
     recipe = {"text": "embedded (pydoc_data.topics), calibration part", "num_sequences": config.num_sequences,
               "sequence_length": config.sequence_length, "tokens": calibrated.tokens,
+              "check_sequences": 0 if calibrated.check_input_ids is None else calibrated.check_input_ids.shape[0],
               "error_tokens": config.error_tokens, "loss_sensitivity_sequences": min(4, config.num_sequences),
               "seed": config.seed, "options": dataclasses.asdict(calibrated.options),
               "calibration_seconds": calibrated.seconds}
@@ -148,8 +149,10 @@ def main(argv=None) -> None:
         else:
             dense_ppl, eval_tokens = evaluate(dense, tokenizer, eval_texts, args.eval_tokens)
         print(f"{model_name}: dense ppl {dense_ppl:.4f} over {eval_tokens} tokens", flush=True)
+        # auto holds the last check_sequences rows out of calibration, for its structure check
         calibration_ids = calibration_batch(tokenizer, load_texts("embedded", part="calibration"),
-                                            num_sequences=args.calibration_sequences, sequence_length=2048)
+                                            num_sequences=args.calibration_sequences + SparsifyConfig.check_sequences,
+                                            sequence_length=2048)
         calibrations = {}
         topk_gaps: dict[float, float] = {}
         for name in args.methods:
@@ -166,8 +169,9 @@ def main(argv=None) -> None:
                     value_rotation=options.loss_weighted or not options.scaling)
                 key = (method, full)
                 if key not in calibrations:
-                    calibrations[key] = calibrate(dense, calibration=calibration_ids, config=base_config,
-                                                  options=full, progress=False)
+                    ids = calibration_ids if method == "auto" else calibration_ids[: args.calibration_sequences]
+                    calibrations[key] = calibrate(dense, calibration=ids, config=base_config, options=full,
+                                                  progress=False)
                 calibrated = calibrations[key]
                 if options is not None:
                     calibrated = calibrated.restricted(options)
@@ -175,9 +179,11 @@ def main(argv=None) -> None:
             for sparsity in args.sparsities:
                 model = copy.deepcopy(dense)
                 config = SparsifyConfig(**{**base_config.to_dict(), "sparsity": sparsity})
+                started = time.perf_counter()
                 sparsify(model, config=config, calibrated=calibrated, progress=False)
+                sparsify_seconds = time.perf_counter() - started
                 if name == "auto":
-                    plans.append(chosen_plan(model, calibrated))
+                    plans.append(chosen_plan(model))
                 started = time.perf_counter()
                 sparse_ppl, _ = evaluate(model, tokenizer, eval_texts, args.eval_tokens)
                 gap = sparse_ppl - dense_ppl
@@ -194,7 +200,9 @@ def main(argv=None) -> None:
                     "calibration_tokens": 0 if calibrated is None else calibrated.tokens,
                     "error_tokens": args.error_tokens, "eval_tokens": eval_tokens,
                     "eval_tokens_requested": args.eval_tokens,
-                    "eval_seconds": time.perf_counter() - started, "commit": commit, "command": command,
+                    "eval_seconds": time.perf_counter() - started, "sparsify_seconds": sparsify_seconds,
+                    "residual_bases": list(model.rotsparse_plan.residual_bases),
+                    "check_losses": dict(model.rotsparse_plan.check_losses), "commit": commit, "command": command,
                 }
                 print(json.dumps(record), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +14,7 @@ from . import methods
 from .adapters import ModelAdapter, get_adapter
 from .config import SITES, SparsifyConfig, SparsityPlan
 from .methods import CALIBRATED_METHODS, Calibration
-from .offload import adopt_hooks
+from .offload import adopt_hooks, is_offloaded
 from .topk import TopKLinear, allocate_keep_k, apply_topk_options, install_head_kernel, is_sparsified, site_sizes_of
 
 logger = logging.getLogger("rotsparse")
@@ -30,7 +32,10 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
     config: a full `SparsifyConfig`; otherwise one is built from `sparsity`, `method` and `config_fields`.
     calibrated: the result of `calibrate` on this same (dense) model, to reuse one calibration for
         several sparsities; `calibration` is then ignored.
-    The plan (K per site, effective sparsity) is attached as ``model.rotsparse_plan``.
+    The plan (K per site, effective sparsity, per-layer choices) is attached as ``model.rotsparse_plan``.
+    With ``auto``'s structure check (`methods.AutoOptions.structure_check`), each candidate structure is
+    sparsified on a copy of the model (one extra copy in memory at a time) and scored on the held-out check
+    sequences; an accelerate-offloaded model skips the check (logged) and takes the error proxy's choice.
     """
     if config is None:
         fields = dict(config_fields)
@@ -45,17 +50,19 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
         raise RuntimeError("this model is already sparsified by rotsparse; load the original model to sparsify again")
     adapter = get_adapter(model)
     site_sizes = site_sizes_for(adapter)
-    rotated = False
     if config.method in CALIBRATED_METHODS:
         if calibrated is None:
             calibrated = calibrate(model, tokenizer, calibration, config=config, progress=progress)
         elif calibrated.method != config.method:
             raise ValueError(f"calibrated for method {calibrated.method!r}, asked for {config.method!r}")
-        keep_k, rotated, _ = methods.apply(adapter, calibrated, config, site_sizes)
+        chosen, check_losses = _checked_structure(model, calibrated, config, site_sizes)
+        applied = methods.apply(adapter, chosen, config, site_sizes)
+        plan = SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes, rotated=applied.rotated, config=config,
+                            calibration_tokens=calibrated.tokens, residual_bases=applied.residual_bases,
+                            value_rotated=applied.value_rotated, check_losses=check_losses)
     else:
-        keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
-    plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config,
-                        calibration_tokens=calibrated.tokens if calibrated is not None else 0)
+        plan = SparsityPlan(keep_k=allocate_keep_k(site_sizes, config.sparsity, config.coefficients),
+                            site_sizes=site_sizes, rotated=False, config=config)
     install_topk(adapter, plan)
     attach_plan(model, plan)
     logger.info("rotsparse: method=%s requested sparsity=%.4f effective sparsity=%.4f",
@@ -69,12 +76,23 @@ def calibrate(model: nn.Module, tokenizer=None, calibration: str | Sequence[str]
     """One calibration pass of `config.method` (default ``auto``) on the dense model, for any sparsity.
 
     Pass the result to `sparsify(..., calibrated=...)` of this model (or of a fresh copy of the same
-    weights). `options` switches parts of ``auto`` off, for ablations.
+    weights). `options` switches parts of ``auto`` off, for ablations. Text gives `config.num_sequences`
+    calibration sequences plus `config.check_sequences` held-out check sequences after them; with token
+    ids (n, seq), the last `config.check_sequences` rows are the check sequences (if n is larger).
     """
     config = config or SparsifyConfig()
     torch.manual_seed(config.seed)
     input_ids, attention_mask = _calibration_tokens(tokenizer, calibration, config)
-    return methods.calibrate(model, get_adapter(model), input_ids, attention_mask, config, options, progress)
+    check_input_ids = None
+    if config.check_sequences and config.method == "auto":
+        if input_ids.shape[0] > config.check_sequences and attention_mask is None:
+            input_ids, check_input_ids = input_ids[: -config.check_sequences], input_ids[-config.check_sequences:]
+        else:
+            logger.warning("rotsparse: %d calibration sequences are too few to hold out %d for the structure "
+                           "check; the error proxy chooses the residual bases", input_ids.shape[0],
+                           config.check_sequences)
+    return methods.calibrate(model, get_adapter(model), input_ids, attention_mask, config, options, progress,
+                             check_input_ids)
 
 
 def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
@@ -89,9 +107,38 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
     from .data import calibration_batch, load_texts
 
     texts = load_texts("embedded" if calibration is None else calibration, part="calibration")
-    input_ids = calibration_batch(tokenizer, texts, num_sequences=config.num_sequences,
+    check_sequences = config.check_sequences if config.method == "auto" else 0
+    input_ids = calibration_batch(tokenizer, texts, num_sequences=config.num_sequences + check_sequences,
                                   sequence_length=config.sequence_length)
     return input_ids, None
+
+
+def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig, site_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
+    """The calibration restricted to the residual-basis structure whose sparsified model has the lowest loss
+    on the check sequences (`Calibration.structures`), and (label, loss) of every structure compared."""
+    structures = calibrated.structures()
+    if len(structures) == 1 or calibrated.check_input_ids is None or config.sparsity == 0:
+        return calibrated, ()
+    if is_offloaded(model):
+        logger.warning("rotsparse: the model is offloaded; the structure check is skipped (the error proxy "
+                       "chooses the residual bases)")
+        return calibrated, ()
+    from .evaluation import mean_loss
+
+    losses = []
+    for label, options in structures.items():
+        started = time.perf_counter()
+        candidate = copy.deepcopy(model)
+        candidate_adapter = get_adapter(candidate)
+        applied = methods.apply(candidate_adapter, calibrated.restricted(options), config, site_sizes)
+        install_topk(candidate_adapter, SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes,
+                                                     rotated=applied.rotated, config=config))
+        losses.append((label, mean_loss(candidate, calibrated.check_input_ids)))
+        del candidate, candidate_adapter
+        logger.info("rotsparse: structure %s: check loss %.4f (%.0f s)", label, losses[-1][1],
+                    time.perf_counter() - started)
+    best = min(losses, key=lambda pair: pair[1])[0]
+    return calibrated.restricted(structures[best]), tuple(losses)
 
 
 def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], ...]:

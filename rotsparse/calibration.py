@@ -147,33 +147,48 @@ class SecondMoment:
         return self.sum / self.tokens
 
 
-def stream_second_moment(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None, max_sequences: int = 4) -> torch.Tensor:
-    """Mean over decoder layers of the second moment of each layer's normalised attention input (d, d) float64.
+@dataclass
+class ResidualMoments:
+    """Per decoder layer, statistics of its normalised attention input in the dense model.
 
-    The statistics of one model-level basis shared by every layer (the ``global`` rotation of ``auto``):
-    one forward pass over the first `max_sequences` calibration sequences (n, seq), real tokens only.
+    moments[l]: (d, d) float64 uncentred second moment over real tokens.
+    sink_rows[l]: (n, d) float64, the row of each sequence's first real token (its attention sink).
+    """
+
+    moments: list[torch.Tensor]
+    sink_rows: list[torch.Tensor]
+
+
+def residual_moments(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, max_sequences: int = 4) -> ResidualMoments:
+    """`ResidualMoments` of every layer from one forward pass over the first `max_sequences` sequences (n, seq).
+
+    The statistics of residual bases shared by several layers (``auto``'s ``global`` and ``run<G>``
+    candidates), which a layer-by-layer pass cannot give while it is at the first layer of the group.
     """
     input_ids = input_ids[:max_sequences]
     attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
-    total = None
+    moments, sink_rows = [], []
     for step in layerwise(model, adapter, input_ids, attention_mask, progress=False):
         layer_adapter = adapter.layer_adapter_class(step.layer)
         norm = layer_adapter.attn_input_norm
         eps = layer_adapter.norm_eps(norm)
-        moment = SecondMoment(norm.weight.shape[-1])
+        moment, sinks = SecondMoment(norm.weight.shape[-1]), []
         masks = iter(step.token_mask)  # `run` feeds the sequences in this order
 
-        def hook(module, args, moment=moment, masks=masks, eps=eps):
-            moment.add(normalized_rows(args[0][next(masks)], eps))
+        def hook(module, args, moment=moment, sinks=sinks, masks=masks, eps=eps):
+            mask = next(masks)
+            moment.add(normalized_rows(args[0][mask], eps))
+            sinks.append(normalized_rows(args[0][0, int(mask[0].int().argmax())][None], eps))
 
         handle = norm.register_forward_pre_hook(hook)
         try:
             step.outputs = step.run()
         finally:
             handle.remove()
-        total = moment.mean if total is None else total + moment.mean
-    return total / len(adapter.layers)
+        moments.append(moment.mean)
+        sink_rows.append(torch.cat(sinks).cpu())
+    return ResidualMoments(moments, sink_rows)
 
 
 @dataclass

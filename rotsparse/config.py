@@ -44,6 +44,9 @@ class SparsifyConfig:
         None picks the method's default (`DEFAULT_SITE_COEFFICIENTS`); for ``auto``, None allocates K per
         site per layer from calibrated errors and explicit coefficients override that.
     num_sequences, sequence_length: calibration size (tokens = product).
+    check_sequences: further calibration sequences of the same length, held out from every statistic, on
+        which ``auto`` compares the real loss of its candidate residual-basis structures
+        (`rotsparse.methods.AutoOptions.structure_check`); 0 leaves the choice to the error proxy.
     seed: seeds anything random in calibration.
     error_tokens: calibration tokens sampled per layer to measure Top-K output errors (``auto``).
     l2_rescale: after Top-K, rescale each token's kept vector to the L2 norm of the full vector (Q-Sparse).
@@ -59,6 +62,7 @@ class SparsifyConfig:
     site_coefficients: tuple[float, float, float, float] | None = None
     num_sequences: int = 16
     sequence_length: int = 2048
+    check_sequences: int = 2
     seed: int = 0
     error_tokens: int = 512
     l2_rescale: bool = False
@@ -81,6 +85,8 @@ class SparsifyConfig:
             object.__setattr__(self, "site_coefficients", coefficients)
         if self.num_sequences < 1 or self.sequence_length < 1:
             raise ValueError("num_sequences and sequence_length must be >= 1")
+        if isinstance(self.check_sequences, bool) or not isinstance(self.check_sequences, int) or self.check_sequences < 0:
+            raise ValueError(f"check_sequences must be an integer >= 0, got {self.check_sequences!r}")
         if isinstance(self.error_tokens, bool) or not isinstance(self.error_tokens, int) or self.error_tokens < 1:
             raise ValueError(f"error_tokens must be an integer >= 1, got {self.error_tokens!r}")
         if not isinstance(self.l2_rescale, bool):
@@ -121,6 +127,11 @@ class SparsityPlan:
     site_sizes[l][s]: (input width, parameters fed) of that site, for effective-sparsity accounting.
     rotated: True when layerwise rotations were folded into the weights.
     calibration_tokens: tokens the statistics were computed on (0 when none were needed).
+    residual_bases[l]: the residual-basis candidate layer l took ("identity", "global", "run5", ...); empty
+        for methods without calibration.
+    value_rotated[l]: whether layer l's value heads were rotated; empty without calibration.
+    check_losses: (structure label, next-token loss on the held-out check sequences) per candidate structure
+        compared (`rotsparse.methods.AutoOptions.structure_check`), the chosen one lowest; empty if none were.
     """
 
     keep_k: tuple[tuple[int, ...], ...]
@@ -128,6 +139,9 @@ class SparsityPlan:
     rotated: bool
     config: SparsifyConfig = field(default_factory=SparsifyConfig)
     calibration_tokens: int = 0
+    residual_bases: tuple[str, ...] = ()
+    value_rotated: tuple[bool, ...] = ()
+    check_losses: tuple[tuple[str, float], ...] = ()
 
     @property
     def effective_sparsity(self) -> float:
@@ -148,6 +162,9 @@ class SparsityPlan:
             "keep_k": [list(k) for k in self.keep_k],
             "site_sizes": [[list(s) for s in layer] for layer in self.site_sizes],
             "effective_sparsity": self.effective_sparsity,
+            "residual_bases": list(self.residual_bases),
+            "value_rotated": list(self.value_rotated),
+            "check_losses": [[label, loss] for label, loss in self.check_losses],
         }
 
     @classmethod
@@ -164,4 +181,7 @@ class SparsityPlan:
             rotated=bool(data["rotated"]),
             config=SparsifyConfig.from_dict(data["config"]),
             calibration_tokens=int(data.get("calibration_tokens", 0)),
+            residual_bases=tuple(str(name) for name in data.get("residual_bases", ())),
+            value_rotated=tuple(bool(flag) for flag in data.get("value_rotated", ())),
+            check_losses=tuple((str(label), float(loss)) for label, loss in data.get("check_losses", ())),
         )

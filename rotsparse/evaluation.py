@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .data import bos_token_id, token_stream
 
-__all__ = ["PerplexityResult", "make_windows", "perplexity", "zero_shot"]
+__all__ = ["PerplexityResult", "make_windows", "mean_loss", "perplexity", "zero_shot"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,22 @@ def _window_nll_sum(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
         predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), reduction="sum"
     )
     return losses.double()
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    """Mean next-token loss (nats) of ``model`` over token sequences ``input_ids`` (n, seq), one sequence at a
+    time, in eval mode (the training flag is restored)."""
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must have shape (n, seq) with n >= 1, seq >= 2, got {tuple(input_ids.shape)}")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        total = sum(_window_nll_sum(model, row[None].to(device)).cpu() for row in input_ids)
+    finally:
+        model.train(was_training)
+    return float(total) / (input_ids.shape[0] * (input_ids.shape[1] - 1))
 
 
 @torch.no_grad()

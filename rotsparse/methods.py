@@ -39,15 +39,16 @@ requested sparsity, so one calibration serves every sparsity.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from .adapters import LayerAdapter, ModelAdapter
-from .calibration import (LossSensitivity, SecondMoment, layerwise, loss_sensitivity, normalized_rows,
-                          stream_second_moment)
+from .calibration import (LossSensitivity, ResidualMoments, SecondMoment, layerwise, loss_sensitivity,
+                          normalized_rows, residual_moments)
 from .config import SITES, SparsifyConfig
 from .offload import materialized
 from .rotation import (
@@ -69,7 +70,14 @@ from .rotation import (
 from .topk import allocate_keep_k, attach_output_rotation
 
 CALIBRATED_METHODS = ("auto", "larosa")
-ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled")
+ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
+"""Residual-basis candidates (`AutoOptions.rotations`); "run<G>" stands for any run length G >= 2, e.g. "run5"."""
+
+
+def run_length(name: str) -> int | None:
+    """G of a "run<G>" candidate name (one basis per run of G consecutive layers), else None."""
+    match = re.fullmatch(r"run(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ class AutoOptions:
         for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
         normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
         sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
-        output). scaling: fold WINA column-norm scales.
+        output), "run<G>" (one basis per run of G consecutive layers: `pca_sink` of the run's summed moments,
+        so residual adapters sit only between runs). scaling: fold WINA column-norm scales.
     allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
     charge_rotations: with error allocation, rotations pay for the weights they add at run time (residual
         adapters where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
@@ -89,19 +98,26 @@ class AutoOptions:
     value_rotation: offer, per layer, a rotation of every value head (PCA of its attention outputs) folded into
         v_proj's rows and o_proj's columns: free at run time; taken where its h2 error at the allocated K is
         lower. Needs loss-weighted errors when scaling (relative h1 errors would depend on that choice).
+    structure_check: with "run<G>" candidates, choose the residual-basis structure -- per layer among all
+        candidates by the error proxy, or each run<G> basis with the identity alone -- by the real next-token
+        loss of each sparsified candidate model on calibration sequences held out from calibration
+        (`Calibration.structures`; `SparsifyConfig.check_sequences`). The proxy alone misranks them: it
+        misses damage to the attention-sink token.
     """
 
-    rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled")
+    rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
     scaling: bool = True
     allocation: str = "error"
     loss_weighted: bool = True
     charge_rotations: bool = True
     value_rotation: bool = True
+    structure_check: bool = True
 
     def __post_init__(self):
-        unknown = [name for name in self.rotations if name not in ROTATION_CANDIDATES]
-        if unknown or not self.rotations:
-            raise ValueError(f"rotation candidates must be a non-empty subset of {ROTATION_CANDIDATES}, got "
+        unknown = [name for name in self.rotations
+                   if name not in ROTATION_CANDIDATES[:-1] and (run_length(name) or 0) < 2]
+        if unknown or not self.rotations or len(set(self.rotations)) != len(self.rotations):
+            raise ValueError(f"rotation candidates must be distinct names from {ROTATION_CANDIDATES} (G >= 2), got "
                              f"{self.rotations}")
         if self.value_rotation and self.scaling and not self.loss_weighted:
             raise ValueError("value_rotation with scaling needs loss_weighted=True (or pass value_rotation=False)")
@@ -143,6 +159,19 @@ class Calibration:
     seconds: float
     error_seconds: float
     """Part of `seconds` spent on rotations and error curves (the rest is running the layers)."""
+    check_input_ids: torch.Tensor | None = None
+    """(n, seq) calibration sequences held out from all statistics, for `AutoOptions.structure_check`."""
+
+    def structures(self) -> dict[str, AutoOptions]:
+        """The residual-basis structures `AutoOptions.structure_check` compares, by label: ``chooser`` (all
+        candidates, chosen per layer by the error proxy) and, per "run<G>" candidate, ``run<G>`` (that basis
+        or the identity per layer). One entry when there is nothing to compare."""
+        runs = [name for name in self.options.rotations if run_length(name)]
+        if not runs or not self.options.structure_check or len(self.options.rotations) == 1:
+            return {"chooser": self.options}
+        identity = ("identity",) if "identity" in self.options.rotations else ()
+        return {"chooser": self.options,
+                **{name: replace(self.options, rotations=identity + (name,)) for name in runs}}
 
     def restricted(self, options: AutoOptions) -> Calibration:
         """The same measurements seen with fewer rotation candidates or another allocation (ablations)."""
@@ -160,7 +189,8 @@ class Calibration:
                                    layer.adapter_weights, layer.output_rotation_weights,
                                    layer.value_rotations if options.value_rotation else layer.value_rotations[:1])
                   for layer in self.layers]
-        return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds)
+        return Calibration(self.method, options, layers, self.tokens, self.seconds, self.error_seconds,
+                           self.check_input_ids)
 
 
 # calibration ---------------------------------------------------------------------------------------
@@ -227,8 +257,10 @@ def _sample_positions(token_mask: list[torch.Tensor], count: int, seed: int) -> 
 
 def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
               attention_mask: torch.Tensor | None, config: SparsifyConfig,
-              options: AutoOptions | None = None, progress: bool = True) -> Calibration:
-    """One layer-by-layer pass over the calibration tokens (n, seq) for `config.method`."""
+              options: AutoOptions | None = None, progress: bool = True,
+              check_input_ids: torch.Tensor | None = None) -> Calibration:
+    """One layer-by-layer pass over the calibration tokens (n, seq) for `config.method`; `check_input_ids`
+    (m, seq'), held out from every statistic, are kept for `AutoOptions.structure_check`."""
     if config.method not in CALIBRATED_METHODS:
         raise ValueError(f"method {config.method!r} needs no calibration")
     options = options or AutoOptions()
@@ -237,11 +269,13 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
                               value_rotation=False)
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
-    sensitivity = shared_basis = None
+    sensitivity = None
     if options.loss_weighted:
         sensitivity = loss_sensitivity(model, adapter, input_ids, attention_mask, progress)
-    if "global" in options.rotations:
-        shared_basis = pca_rotation(stream_second_moment(model, adapter, input_ids, attention_mask))
+    shared_bases = [{} for _ in adapter.layers]
+    if "global" in options.rotations or any(run_length(name) for name in options.rotations):
+        shared_bases = _shared_bases(options.rotations,
+                                     residual_moments(model, adapter, input_ids, attention_mask))
     positions = None
     for step in layerwise(model, adapter, input_ids, attention_mask, progress):
         if positions is None:  # error rows come from sequences whose loss sensitivity was measured
@@ -270,23 +304,47 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor,
         error_start = time.perf_counter()
         value_moments = torch.stack([moment.mean for moment in moments["h2"]]) if "h2" in moments else None
         layers.append(_calibrate_layer(layer_adapter, moments["h1"].mean, rows, options,
-                                       _layer_sensitivity(sensitivity, step.index, positions), shared_basis,
-                                       value_moments))
+                                       _layer_sensitivity(sensitivity, step.index, positions),
+                                       shared_bases[step.index], value_moments))
         error_seconds += time.perf_counter() - error_start
-    return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds)
+    return Calibration(config.method, options, layers, tokens, time.perf_counter() - start, error_seconds,
+                       check_input_ids)
+
+
+def _shared_bases(names: tuple[str, ...], statistics: ResidualMoments) -> list[dict[str, torch.Tensor]]:
+    """Per layer, the bases shared with other layers, by candidate name: ``global`` (PCA of the mean moment
+    over all layers) and each ``run<G>`` (`sink_preserving_rotation` of the summed moments and sink rows of
+    the layer's run of G consecutive layers); one tensor object per shared basis."""
+    moments, sinks = statistics.moments, statistics.sink_rows
+    per_layer = [{} for _ in moments]
+    for name in names:
+        if name == "global":
+            basis = pca_rotation(sum(moments) / len(moments))
+            for bases in per_layer:
+                bases[name] = basis
+        elif run_length(name):
+            size = run_length(name)
+            for start in range(0, len(moments), size):
+                run = range(start, min(start + size, len(moments)))
+                basis = sink_preserving_rotation(sum(moments[l] for l in run), torch.cat([sinks[l] for l in run]))
+                for layer in run:
+                    per_layer[layer][name] = basis
+    return per_layer
 
 
 def _candidate(name: str, attn_moment: torch.Tensor, norm_scale: torch.Tensor,
-               shared_basis: torch.Tensor | None, sink_rows: torch.Tensor | None) -> torch.Tensor | None:
+               shared_bases: dict[str, torch.Tensor], sink_rows: torch.Tensor | None) -> torch.Tensor | None:
     if name == "identity":
         return None
+    if name in shared_bases:
+        return shared_bases[name]
     if name == "pca_sink":
         return sink_preserving_rotation(attn_moment, sink_rows)
-    if name == "global":
-        return shared_basis
     if name == "pca":
         return pca_rotation(attn_moment)
-    return pca_rotation(norm_scale[:, None] * attn_moment * norm_scale[None, :])  # "pca_scaled"
+    if name == "pca_scaled":
+        return pca_rotation(norm_scale[:, None] * attn_moment * norm_scale[None, :])
+    raise ValueError(f"no basis was computed for rotation candidate {name!r}")
 
 
 def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, positions: list[torch.Tensor]):
@@ -304,13 +362,13 @@ def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, position
 @torch.no_grad()
 def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, rows: dict[str, torch.Tensor],
                      options: AutoOptions, sensitivity: tuple[dict, dict] | None,
-                     shared_basis: torch.Tensor | None = None,
+                     shared_bases: dict[str, torch.Tensor] | None = None,
                      value_moments: torch.Tensor | None = None) -> LayerCalibration:
     """Candidate rotations, and per site the error curves (and WINA scales) of Top-K on the sampled `rows`.
 
     rows: sampled rows (n, width) per site, and under "sink" each calibration sequence's first-token row of the
         normalised attention input (for ``pca_sink``).
-    shared_basis: the ``global`` candidate (d, d), the same object for every layer.
+    shared_bases: candidates shared with other layers by name (``global``, ``run<G>``; `_shared_bases`).
     value_moments: (kv_heads, head_dim, head_dim) second moments of the attention outputs per value head, for
         the value-rotation candidate (`AutoOptions.value_rotation`).
 
@@ -320,7 +378,7 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
     Otherwise errors are relative.
     """
     attn_scale = layer_adapter.norm_scale(layer_adapter.attn_input_norm).double().cpu()
-    rotations = [_candidate(name, attn_moment, attn_scale, shared_basis, rows.get("sink"))
+    rotations = [_candidate(name, attn_moment, attn_scale, shared_bases or {}, rows.get("sink"))
                  for name in options.rotations]
     post_norms = sum(norm is not None for norm in (layer_adapter.attn_output_norm, layer_adapter.mlp_output_norm))
     rotation_cost = {"adapter_weights": attn_moment.shape[0] ** 2,
@@ -615,8 +673,22 @@ def fold_scales(layer_adapter: LayerAdapter, scales: dict[str, torch.Tensor] | N
         norm.weight.copy_(norm.weight.double() + scale.to(norm.weight.device) - unit)
 
 
-def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes):
-    """Fold the calibrated choices for `config.sparsity` into the weights; returns (keep_k, rotated, choice)."""
+@dataclass(frozen=True)
+class Applied:
+    """What `apply` folded: K per site per layer, and per layer the residual basis (candidate name) and whether
+    its value heads were rotated."""
+
+    keep_k: tuple[tuple[int, ...], ...]
+    residual_bases: tuple[str, ...]
+    value_rotated: tuple[bool, ...]
+
+    @property
+    def rotated(self) -> bool:
+        return any(name != "identity" for name in self.residual_bases)
+
+
+def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes) -> Applied:
+    """Fold the calibrated choices for `config.sparsity` into the weights."""
     coefficients = config.coefficients
     choice, keep_k = choose(calibration, site_sizes, config.sparsity, coefficients)
     if config.site_coefficients is not None and calibration.options.allocation == "error":
@@ -632,4 +704,6 @@ def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfi
             if calibration.options.scaling:
                 chosen = {"h1": index, "h2": value_index, "h3": index, "h4": 0}
                 fold_scales(layer_adapter, {site: values[chosen[site]] for site, values in layer.scales.items()})
-    return keep_k, any(rotation is not None for rotation in rotations), choice
+    names = tuple(calibration.options.rotations[index] for index in choice)
+    return Applied(keep_k, names, tuple(layer.value_rotations[index] is not None
+                                        for layer, index in zip(calibration.layers, value_choice)))

@@ -8,12 +8,16 @@ from rotsparse.adapters import get_adapter
 from rotsparse.api import calibrate, site_sizes_for
 from rotsparse.config import SITES, SparsifyConfig
 from rotsparse.methods import (ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
-                               choose, choose_value_rotations, fold_rotations, fold_scales, fold_value_rotation)
+                               choose, choose_value_rotations, fold_rotations, fold_scales, fold_value_rotation,
+                               run_length)
 from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_scale, head_block_rotation,
                                 topk_error_curve)
 from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
+
+
+ALL_CANDIDATES = ROTATION_CANDIDATES[:-1] + ("run2",)  # "run<G>" stands for any G
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -26,15 +30,15 @@ def logits(model, tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_sink",), ("pca_scaled",), ("global",), ("identity", "pca"),
-                                       ("identity", "global", "pca")])
+@pytest.mark.parametrize("rotations", [("identity",), ("pca",), ("pca_sink",), ("pca_scaled",), ("global",), ("run2",),
+                                       ("identity", "pca"), ("identity", "global", "pca"), ("identity", "run2")])
 def test_auto_folding_is_exact_at_sparsity_zero(family, rotations):
     """Scales and every kind of rotation (forced, so folding is really exercised) leave the function unchanged."""
     model = tiny_model(family, num_layers=3)
     tokens = random_tokens()
     expected = logits(model, tokens)
     calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
-                           options=AutoOptions(rotations=ROTATION_CANDIDATES),
+                           options=AutoOptions(rotations=ALL_CANDIDATES),
                            progress=False).restricted(AutoOptions(rotations=rotations))
     if len(rotations) == 1 and rotations[0] != "identity":
         assert all(layer.rotations[0] is not None for layer in calibrated.layers)
@@ -367,3 +371,52 @@ def test_calibration_offers_a_pca_rotation_of_every_value_head(family):
         AutoOptions(loss_weighted=False)
     sparse = rotsparse.sparsify(model, sparsity=0.5, calibrated=calibrated, progress=False)
     assert abs(sparse.rotsparse_plan.effective_sparsity - 0.5) < 0.05
+
+
+def test_run_bases_are_shared_within_runs_of_layers():
+    """run<G>: one orthogonal basis object per run of G consecutive layers, so adapters sit only between runs;
+    a run's layers pay no adapter between them (`_choose_rotations` compares objects)."""
+    model = tiny_model("llama", num_layers=5)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           options=AutoOptions(rotations=("identity", "run2", "run5")), progress=False)
+    run2 = [layer.rotations[1] for layer in calibrated.layers]
+    run5 = [layer.rotations[2] for layer in calibrated.layers]
+    assert run2[0] is run2[1] and run2[2] is run2[3] and run2[1] is not run2[2] and run2[3] is not run2[4]
+    assert all(basis is run5[0] for basis in run5)
+    for basis in (run2[0], run2[2], run2[4], run5[0]):
+        assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[0], dtype=torch.float64), atol=1e-10)
+    assert run_length("run12") == 12 and run_length("pca") is None
+    for bad in (("run1",), ("run",), ("runs5",), ("identity", "identity"), ()):
+        with pytest.raises(ValueError, match="rotation candidates"):
+            AutoOptions(rotations=bad)
+
+
+def test_structure_check_holds_out_sequences_and_takes_the_lowest_check_loss():
+    """The last check_sequences rows are held out of calibration; every structure is scored on them, the plan
+    records the scores, and the chosen bases belong to the structure with the lowest check loss."""
+    tokens = random_tokens(num_sequences=5, seed=7)
+    model = tiny_model("llama", num_layers=4)
+    calibrated = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64), progress=False)
+    assert torch.equal(calibrated.check_input_ids, tokens[3:])
+    assert calibrated.tokens == 3 * tokens.shape[1]
+    structures = calibrated.structures()
+    assert list(structures) == ["chooser", "run5", "run10"]
+    assert structures["run5"].rotations == ("identity", "run5")
+    sparse = rotsparse.sparsify(tiny_model("llama", num_layers=4), sparsity=0.5, error_tokens=64,
+                                calibrated=calibrated, progress=False)
+    plan = sparse.rotsparse_plan
+    labels = [label for label, _ in plan.check_losses]
+    assert labels == list(structures)
+    best = min(plan.check_losses, key=lambda pair: pair[1])[0]
+    assert set(plan.residual_bases) <= set(structures[best].rotations) and len(plan.residual_bases) == 4
+    # the recorded check loss is the sparsified model's real loss on the held-out rows
+    from rotsparse.evaluation import mean_loss
+    assert abs(mean_loss(sparse, tokens[3:]) - dict(plan.check_losses)[best]) < 1e-5
+    unchecked = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64, check_sequences=0),
+                          progress=False)
+    assert unchecked.check_input_ids is None and unchecked.tokens == 5 * tokens.shape[1]
+    proxy = rotsparse.sparsify(tiny_model("llama", num_layers=4), sparsity=0.5, calibrated=unchecked,
+                               progress=False)
+    assert proxy.rotsparse_plan.check_losses == ()
+    off = calibrated.restricted(AutoOptions(structure_check=False))
+    assert list(off.structures()) == ["chooser"]
