@@ -8,6 +8,8 @@ dtype and sparsity, it measures (CUDA events; the median over repeats):
   Triton gather-GEMV (one launch)
 * ``gather only``      -- ``index_gemv`` on precomputed indices (the same kernel reading an index array)
 * ``selection only``   -- the Top-K selection alone (``topk_indices``: one program writing the indices)
+* ``sparse kernel, before`` -- (with ``--before FILE``) ``topk_gemv_triton`` of another copy of
+  ``triton_gemv.py`` (e.g. the committed one), timed in the same run for a side-by-side comparison
 
 each twice: ``eager`` (one launch after another, as a Python decode loop runs them) and ``graph`` (captured in
 a CUDA graph and replayed, which removes launch overhead, as a compiled/graphed decode loop runs them).
@@ -18,6 +20,8 @@ real decoding. Bandwidth is computed on the bytes each method must read: dense `
 Usage::
 
     python eval/bench_kernel_cuda.py            # table -> eval/results/kernel_bench_cuda.md
+    git show HEAD:rotsparse/kernels/triton_gemv.py > /tmp/before.py
+    python eval/bench_kernel_cuda.py --before /tmp/before.py   # + the committed kernel, same run
 """
 
 from __future__ import annotations
@@ -77,7 +81,17 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds / 1e9
 
 
-def bench_shape(n_in, n_out, dtype, sparsities, reps, pool_bytes):
+def load_before(path: str):
+    """The module in `path` (a copy of rotsparse/kernels/triton_gemv.py), imported under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_gemv_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_shape(n_in, n_out, dtype, sparsities, reps, pool_bytes, before=None):
     """{(method, mode): seconds per call}, {method: bytes read} for one shape and dtype."""
     es = torch.empty((), dtype=dtype).element_size()
     n_buf = max(3, -(-pool_bytes // (n_in * n_out * es)))
@@ -91,6 +105,9 @@ def bench_shape(n_in, n_out, dtype, sparsities, reps, pool_bytes):
         idx = [topk_indices(xs[i], k) for i in range(n_buf)]
         methods[f"sparse kernel|{s}"] = ([lambda i=i, k=k: topk_gemv(xs[i], w_t[i], None, k) for i in range(n_buf)],
                                          k * n_out * es)
+        if before is not None:
+            methods[f"sparse kernel, before|{s}"] = (
+                [lambda i=i, k=k: before.topk_gemv_triton(xs[i], w_t[i], None, k) for i in range(n_buf)], k * n_out * es)
         methods[f"gather only|{s}"] = ([lambda i=i: index_gemv(xs[i], idx[i], w_t[i]) for i in range(n_buf)],
                                        k * n_out * es)
         methods[f"selection only|{s}"] = ([lambda i=i, k=k: topk_indices(xs[i], k) for i in range(n_buf)], 0)
@@ -153,6 +170,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default="eval/results/kernel_bench_cuda.md")
+    ap.add_argument("--before", default=None,
+                    help="also time topk_gemv_triton of this copy of triton_gemv.py (e.g. the committed one)")
     ap.add_argument("--sweep", default=None,
                     help="also time a grid of gather tiles (first dtype only); write that table here")
     args = ap.parse_args(argv)
@@ -181,10 +200,11 @@ def main(argv=None):
              "| graph BW vs dense | graph speed-up vs dense | eager speed-up vs dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     layer = {}
+    before = load_before(args.before) if args.before else None
     for dt_name in args.dtypes:
         dtype = getattr(torch, dt_name)
         for name, n_in, n_out, count in LLAMA2_7B_SHAPES:
-            times, nbytes, _ = bench_shape(n_in, n_out, dtype, args.sparsity, args.reps, pool)
+            times, nbytes, _ = bench_shape(n_in, n_out, dtype, args.sparsity, args.reps, pool, before)
             dense = {mode: times[("dense F.linear", mode)] for mode in ("eager", "graph")}
             dense_bw = nbytes["dense F.linear"] / dense["graph"] / 1e9
             for method in nbytes:

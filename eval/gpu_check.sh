@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything rotsparse checks on a CUDA machine, in one go (the lent GPU machine runs it from the repo root):
 # the CUDA tests, the kernel benchmark and the decode benchmark on the GPU. Logs go to $OUT (default eval/results).
-# Usage: bash eval/gpu_check.sh        (SWEEP=1 also times a grid of gather-kernel tiles)
+# Usage: bash eval/gpu_check.sh        (SWEEP=1 also times a grid of gather-kernel tiles;
+#        BEFORE=/tmp/before.py also times that copy of triton_gemv.py, e.g. from `git show HEAD:rotsparse/kernels/triton_gemv.py`)
 set -uo pipefail
 OUT=${OUT:-eval/results}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -14,4 +15,6 @@ for run in "0.4 auto" "0.5 auto" "0.5 topk"; do
     --model synthetic:llama2-7b --layers 4 --dtype bfloat16 --sparsity "$1" --method "$2" --device cuda \
     --tokens 32 --repeats 3 --json | tail -n 1
 done | tee "$OUT/decode_bench_cuda.jsonl"
-python3 eval/bench_kernel_cuda.py --out "$OUT/kernel_bench_cuda.md" ${SWEEP:+--sweep "$OUT/gather_sweep_cuda.md"} 2>&1 | tail -n 60
+# BEFORE=FILE (a copy of another rotsparse/kernels/triton_gemv.py, e.g. the committed one) times it side by side
+python3 eval/bench_kernel_cuda.py --out "$OUT/kernel_bench_cuda.md" ${SWEEP:+--sweep "$OUT/gather_sweep_cuda.md"} \
+  ${BEFORE:+--before "$BEFORE"} 2>&1 | tail -n 60

@@ -7,13 +7,17 @@ Same contract as :func:`rotsparse.kernels.topk_gemv`::
 with ``weight_t`` of shape (in, out), contiguous.  One launch per call: ``_topk_gemv_kernel``, grid (column
 blocks, row splits); each program
 
-1. selects: finds the K-th largest |x| by a radix select on the bits of |x| (non-negative floats order like
-   their bit patterns), 5 bits per pass with a 32-bin ``tl.histogram`` (3 passes for 16-bit dtypes, 7 for
-   float32); every entry above it is kept, and of the entries tied with it the first ones in index order up
-   to exactly K (the last pass also counts the tied entries before the program's first row, so no extra pass
-   over x is needed).  The input vector is small (4-11k values, read from L2), so every program repeats the
-   selection instead of waiting for a separate launch and an index array; the default tile runs one program
-   of 16 warps per SM, so each SM selects once;
+1. selects: finds T, the key of the K-th largest |x| (the bits of |x|: non-negative floats order like their bit
+   patterns), and the index of the last kept entry of those tied at T (ties to the lowest indices), so that the
+   kept rows are {key > T} and {key == T, index <= last} with no running count.  x is loaded once and its keys
+   stay in registers (up to 32 per thread); T comes from a binary search on the key (one bit per round: one
+   count of key >= candidate over the block, so 15 rounds for 16-bit dtypes, 31 for float32) where each thread
+   holds more than 8 keys, else from a radix select (5 bits per pass, a 32-bin ``tl.histogram`` per pass: 3
+   passes for 16-bit dtypes, 7 for float32, costlier per entry but fewer block-wide steps); inputs too wide to
+   keep in registers are re-read per radix pass.  ``last`` comes from one prefix count of the tied entries.  The
+   input vector is small (4-11k values, read from L2), so every program repeats the selection instead of waiting
+   for a separate launch and an index array; the default tile runs one program of 16 warps per SM, so each SM
+   selects once;
 2. gathers: walks its share of the input rows and fetches only the kept rows of ``weight_t`` (masked loads:
    dropped rows are never read) for its block of columns, accumulating in float32;
 3. writes ``y``: with several row splits, partial sums go with atomics into a float32 scratch row that is
@@ -75,7 +79,7 @@ def _kernels():
     import triton.language as tl
 
     # jit helpers: a kernel resolves the functions it calls as globals
-    global _key, _pick_digit, _threshold, _keep, _store_output
+    global _key, _pick_digit, _radix_digit, _threshold, _keep, _store_output
 
     @triton.jit
     def _key(xv, KEY_BITS: tl.constexpr):
@@ -91,61 +95,117 @@ def _kernels():
         return fits_a + fits_b, tl.maximum(above_a, above_b), tl.minimum(at_digit_a, at_digit_b)
 
     @triton.jit
-    def _threshold(x_ptr, n_in, K, r0, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
-        """(T, ties) for 0 < K < n_in: the K largest |x| are the entries with key > T and the first
-        K - #(key > T) entries with key == T in index order (T: the key of the K-th largest); ties: how many of
-        those tied entries lie at index >= r0 (a program starting at row r0 keeps its first `ties` tied rows)."""
+    def _radix_digit(hist, threshold, above, matching, K, n_in, SHIFT: tl.constexpr):
+        """One radix step: from the histogram of the next digit of the keys that match `threshold`'s decided
+        bits, the digit of the K-th largest key, and the new (threshold, above, matching)."""
+        # entries with key >= threshold | (digit << SHIFT), for each digit: non-increasing, >= K up to the digit
+        # of the K-th largest key
+        at_least = above + matching - tl.cumsum(hist, axis=0) + hist
+        fits = at_least >= K
+        n_fit, above, at_digit = tl.reduce(
+            (fits.to(tl.int32), tl.where(fits, above, at_least), tl.where(fits, at_least, n_in)), 0, _pick_digit)
+        return threshold | ((n_fit - 1) << SHIFT), above, at_digit - above
+
+    @triton.jit
+    def _threshold(x_ptr, n_in, K, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, DIGIT: tl.constexpr,
+                   RESIDENT: tl.constexpr, SEARCH: tl.constexpr):
+        """(T, last) for 0 < K < n_in: the K largest |x| (ties to the lowest indices) are the entries with
+        key > T and those with key == T at index <= last.  RESIDENT (BLOCK >= n_in): x is read once and its keys
+        stay in registers, T from a binary search (SEARCH) or a radix select; else a radix select re-reading x in
+        blocks of BLOCK.  Radix: DIGIT bits per pass from the top (the last pass may have fewer)."""
         threshold = tl.full([], 0, tl.int32)  # the bits decided so far
         above = tl.full([], 0, tl.int32)  # entries whose key is above every key with these bits
         matching = tl.full([], 0, tl.int32) + n_in  # entries whose key has these bits
-        for p in tl.static_range((KEY_BITS + 4) // 5):  # 5 bits per pass from the top, the last may have fewer
-            if 5 * (p + 1) <= KEY_BITS:
-                SHIFT = KEY_BITS - 5 * (p + 1)
-                BITS = 5
+        NBINS: tl.constexpr = (1 << DIGIT) if DIGIT >= 5 else 32
+        if SEARCH:  # resident keys; binary search, one bit per round: count(key >= candidate) >= K?
+            offs = tl.arange(0, BLOCK)
+            valid = offs < n_in
+            xv = tl.load(x_ptr + offs, mask=valid, other=0.0)
+            if xv.dtype == tl.bfloat16:  # (all-32-bit arithmetic: the bfloat16 bits are the float32's top half)
+                key = (xv.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> 16
             else:
-                SHIFT = 0
-                BITS = KEY_BITS - 5 * p
-            hist = tl.zeros([32], dtype=tl.int32)  # next digit of the matching keys
-            before = tl.zeros([32], dtype=tl.int32)  # (last pass) the same, at indices < r0
-            for start in range(0, n_in, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                valid = offs < n_in
-                key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
+                key = _key(xv, KEY_BITS)
+            key = tl.where(valid, key, -1)
+            lo = tl.full([], 0, tl.int32) + n_in  # count(key >= threshold)
+            hi = tl.full([], 0, tl.int32)  # count(key > threshold): the largest count below K seen
+            for p in tl.static_range(KEY_BITS):
+                SHIFT = KEY_BITS - 1 - p
+                cnt = tl.sum((key >= threshold + (1 << SHIFT)).to(tl.int32), axis=0)
+                fits = cnt >= K
+                threshold = tl.where(fits, threshold + (1 << SHIFT), threshold)
+                lo = tl.where(fits, cnt, lo)
+                hi = tl.where(fits, hi, tl.maximum(hi, cnt))
+            need = K - hi  # tied entries kept: 1 <= need <= lo - hi
+            last = tl.full([], 0, tl.int32) + n_in
+            if need < lo - hi:
+                tied = key == threshold
+                rank = tl.cumsum(tied.to(tl.int32), axis=0)
+                last = tl.max(tl.where(tied & (rank == need), offs, -1), axis=0)
+        elif RESIDENT:  # one load
+            offs = tl.arange(0, BLOCK)
+            valid = offs < n_in
+            key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
+            for p in tl.static_range((KEY_BITS + DIGIT - 1) // DIGIT):
+                if DIGIT * (p + 1) <= KEY_BITS:
+                    SHIFT = KEY_BITS - DIGIT * (p + 1)
+                    BITS = DIGIT
+                else:
+                    SHIFT = 0
+                    BITS = KEY_BITS - DIGIT * p
                 match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
-                digit = (key >> SHIFT) & ((1 << BITS) - 1)
-                hist += tl.histogram(digit, 32, mask=match)
-                if SHIFT == 0:
-                    before += tl.histogram(digit, 32, mask=match & (offs < r0))
-            # entries with key >= threshold | (digit << SHIFT), for each digit: non-increasing, >= K up to the
-            # digit of the K-th largest key
-            at_least = above + matching - tl.cumsum(hist, axis=0) + hist
-            fits = at_least >= K
-            n_fit, above, at_digit = tl.reduce(
-                (fits.to(tl.int32), tl.where(fits, above, at_least), tl.where(fits, at_least, n_in)), 0, _pick_digit)
-            matching = at_digit - above
-            threshold = threshold | ((n_fit - 1) << SHIFT)
-        ties_before = tl.sum(tl.where(tl.arange(0, 32) == n_fit - 1, before, 0), axis=0)  # (last digit)
-        return threshold, K - above - ties_before
+                hist = tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), NBINS, mask=match)
+                threshold, above, matching = _radix_digit(hist, threshold, above, matching, K, n_in, SHIFT)
+            need = K - above  # tied entries kept: 1 <= need <= matching
+            last = tl.full([], 0, tl.int32) + n_in
+            if need < matching:
+                tied = valid & (key == threshold)
+                rank = tl.cumsum(tied.to(tl.int32), axis=0)
+                last = tl.max(tl.where(tied & (rank == need), offs, -1), axis=0)
+        else:
+            for p in tl.static_range((KEY_BITS + DIGIT - 1) // DIGIT):
+                if DIGIT * (p + 1) <= KEY_BITS:
+                    SHIFT = KEY_BITS - DIGIT * (p + 1)
+                    BITS = DIGIT
+                else:
+                    SHIFT = 0
+                    BITS = KEY_BITS - DIGIT * p
+                hist = tl.zeros([NBINS], dtype=tl.int32)  # next digit of the matching keys
+                for start in range(0, n_in, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    valid = offs < n_in
+                    key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
+                    match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
+                    hist += tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), NBINS, mask=match)
+                threshold, above, matching = _radix_digit(hist, threshold, above, matching, K, n_in, SHIFT)
+            need = K - above
+            last = tl.full([], 0, tl.int32) + n_in
+            if need < matching:
+                last = last * 0 - 1
+                seen = tl.full([], 0, tl.int32)
+                for start in range(0, n_in, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    valid = offs < n_in
+                    tied = valid & (_key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS) == threshold)
+                    rank = seen + tl.cumsum(tied.to(tl.int32), axis=0)
+                    last = tl.maximum(last, tl.max(tl.where(tied & (rank == need), offs, -1), axis=0))
+                    seen += tl.sum(tied.to(tl.int32), axis=0)
+        return threshold, last
 
     @triton.jit
-    def _keep(key, in_range, threshold, ties, tied_seen):
-        """(kept entries among key, tied entries seen so far): the selection's rule over consecutive indices."""
-        tied = in_range & (key == threshold)
-        rank = tied_seen + tl.cumsum(tied.to(tl.int32), axis=0)
-        keep = in_range & ((key > threshold) | (tied & (rank <= ties)))
-        return keep, tied_seen + tl.sum(tied.to(tl.int32), axis=0)
+    def _keep(key, rows, in_range, threshold, last):
+        return in_range & ((key > threshold) | ((key == threshold) & (rows <= last)))
 
     @triton.jit
-    def _select_kernel(x_ptr, idx_ptr, n_in, K, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _select_kernel(x_ptr, idx_ptr, n_in, K, KEY_BITS: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                       DIGIT: tl.constexpr, RESIDENT: tl.constexpr, SEARCH: tl.constexpr, BLOCK: tl.constexpr):
         # idx (K,) int64 out: the K largest |x|, ascending indices
-        threshold, ties = _threshold(x_ptr, n_in, K, 0, KEY_BITS, BLOCK)
+        threshold, last = _threshold(x_ptr, n_in, K, KEY_BITS, SEL_BLOCK, DIGIT, RESIDENT, SEARCH)
         kept = tl.full([], 0, tl.int32)
-        tied_seen = tl.full([], 0, tl.int32)
         for start in range(0, n_in, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < n_in
             key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
-            keep, tied_seen = _keep(key, valid, threshold, ties, tied_seen)
+            keep = _keep(key, offs, valid, threshold, last)
             position = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
             tl.store(idx_ptr + position, offs.to(tl.int64), mask=keep)
             kept += tl.sum(keep.to(tl.int32), axis=0)
@@ -173,6 +233,9 @@ def _kernels():
         SELECT: tl.constexpr,  # True: keep the K largest |x| (selected here); False: rows idx[0:K]
         KEY_BITS: tl.constexpr,
         SEL_BLOCK: tl.constexpr,
+        DIGIT: tl.constexpr,  # bits per radix pass of the selection
+        RESIDENT: tl.constexpr,  # the selection keeps all of x in registers (SEL_BLOCK >= n_in)
+        SEARCH: tl.constexpr,  # resident: a binary search on the key instead of the radix passes
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         NUM_STAGES: tl.constexpr,
@@ -186,8 +249,7 @@ def _kernels():
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         start = pid_k * rows_per_split
         if SELECT:
-            threshold, ties = _threshold(x_ptr, n_in, K, start, KEY_BITS, SEL_BLOCK)
-            tied_seen = tl.full([], 0, tl.int32)
+            threshold, last = _threshold(x_ptr, n_in, K, KEY_BITS, SEL_BLOCK, DIGIT, RESIDENT, SEARCH)
             end = tl.minimum(start + rows_per_split, n_in)
         else:
             end = tl.minimum(start + rows_per_split, K)
@@ -197,7 +259,7 @@ def _kernels():
             if SELECT:
                 rows = offs
                 xv = tl.load(x_ptr + rows, mask=in_range, other=0.0)
-                keep, tied_seen = _keep(_key(xv, KEY_BITS), in_range, threshold, ties, tied_seen)
+                keep = _keep(_key(xv, KEY_BITS), rows, in_range, threshold, last)
                 xv = tl.where(keep, xv, 0.0)
             else:
                 rows = tl.load(idx_ptr + offs, mask=in_range, other=0)
@@ -258,6 +320,26 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# Selection tuning (H100, Llama-2-7B widths, eval/results/kernel_bench_cuda.md): bits per radix pass; the most
+# entries of x each thread keeps in registers (above that, every radix pass re-reads x in blocks of 8 entries per
+# thread); above how many entries per thread the resident keys go through the binary search (one cheap count per
+# bit, but one block-wide reduction each) instead of the radix passes (3 or 7 histogram passes, costlier per entry).
+_RADIX_BITS = 5
+_RESIDENT_PER_THREAD = 32
+_SEARCH_ABOVE_PER_THREAD = 8
+
+
+def _select_blocks(n_in: int, key_bits: int, threads: int) -> dict:
+    """Selection constexprs for a program of `threads` threads."""
+    block = _pow2(n_in)
+    if block > _RESIDENT_PER_THREAD * threads:
+        block = 8 * threads
+    block = max(threads, block)
+    resident = block >= n_in
+    return dict(SEL_BLOCK=block, DIGIT=_RADIX_BITS, RESIDENT=resident,
+                SEARCH=resident and block > _SEARCH_ABOVE_PER_THREAD * threads)
+
+
 def _launch(x1: Tensor, idx: Optional[Tensor], weight_t: Tensor, bias: Optional[Tensor], keep_k: int,
             config: GatherConfig) -> Tensor:
     """y (out,) of x1's dtype: the kept rows of weight_t (idx[0:K], or the K largest |x1| if idx is None)
@@ -276,7 +358,7 @@ def _launch(x1: Tensor, idx: Optional[Tensor], weight_t: Tensor, bias: Optional[
         _kernels()[1][(n_blocks, split)](
             x1, x1 if idx is None else idx, weight_t, y if bias is None else bias, y, acc, counts,
             n_in, n_out, keep_k, weight_t.stride(0), rows_per_split,
-            SELECT=idx is None, KEY_BITS=_KEY_BITS[x1.dtype], SEL_BLOCK=max(threads, min(_pow2(n_in), 8 * threads)),
+            SELECT=idx is None, KEY_BITS=_KEY_BITS[x1.dtype], **_select_blocks(n_in, _KEY_BITS[x1.dtype], threads),
             BLOCK_K=config.block_k, BLOCK_N=config.block_n, NUM_STAGES=config.num_stages,
             HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=config.num_warps,
         )
@@ -312,6 +394,7 @@ def select_triton(x1: Tensor, keep_k: int, num_warps: int = 16) -> Tensor:
     threads = 32 * num_warps
     with _device_context(x1):
         _kernels()[0][(1,)](x1, idx, n_in, keep_k, KEY_BITS=_KEY_BITS[x1.dtype],
+                            **_select_blocks(n_in, _KEY_BITS[x1.dtype], threads),
                             BLOCK=max(threads, min(_pow2(n_in), 8 * threads)), num_warps=num_warps)
     return idx
 
