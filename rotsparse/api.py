@@ -113,11 +113,20 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
     return input_ids, None
 
 
-def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig, site_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
+def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig,
+                       site_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
     """The calibration restricted to the residual-basis structure whose sparsified model has the lowest loss
-    on the check sequences (`Calibration.structures`), and (label, loss) of every structure compared."""
+    on the check sequences (`Calibration.structures`), and (label, loss) of every structure compared.
+    Structures that lead to the same plan (bases and K in every layer) are evaluated once; if all do, none is."""
     structures = calibrated.structures()
     if len(structures) == 1 or calibrated.check_input_ids is None or config.sparsity == 0:
+        return calibrated, ()
+    same_plan: dict[tuple, list[str]] = {}
+    for label, options in structures.items():
+        restricted = calibrated.restricted(options)
+        choice, keep_k = methods.planned(restricted, config, site_sizes)
+        same_plan.setdefault((tuple(options.rotations[index] for index in choice), keep_k), []).append(label)
+    if len(same_plan) == 1:
         return calibrated, ()
     if is_offloaded(model):
         logger.warning("rotsparse: the model is offloaded; the structure check is skipped (the error proxy "
@@ -125,20 +134,21 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         return calibrated, ()
     from .evaluation import mean_loss
 
-    losses = []
-    for label, options in structures.items():
+    losses = {}
+    for labels in same_plan.values():
         started = time.perf_counter()
         candidate = copy.deepcopy(model)
         candidate_adapter = get_adapter(candidate)
-        applied = methods.apply(candidate_adapter, calibrated.restricted(options), config, site_sizes)
+        applied = methods.apply(candidate_adapter, calibrated.restricted(structures[labels[0]]), config, site_sizes)
         install_topk(candidate_adapter, SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes,
                                                      rotated=applied.rotated, config=config))
-        losses.append((label, mean_loss(candidate, calibrated.check_input_ids)))
+        loss = mean_loss(candidate, calibrated.check_input_ids)
         del candidate, candidate_adapter
-        logger.info("rotsparse: structure %s: check loss %.4f (%.0f s)", label, losses[-1][1],
+        losses.update({label: loss for label in labels})
+        logger.info("rotsparse: structure %s: check loss %.4f (%.0f s)", "=".join(labels), loss,
                     time.perf_counter() - started)
-    best = min(losses, key=lambda pair: pair[1])[0]
-    return calibrated.restricted(structures[best]), tuple(losses)
+    best = min(structures, key=losses.__getitem__)
+    return calibrated.restricted(structures[best]), tuple((label, losses[label]) for label in structures)
 
 
 def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], ...]:

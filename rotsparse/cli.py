@@ -29,13 +29,16 @@ def _add_model_options(parser: argparse.ArgumentParser, sparsity_required: bool 
                         help="calibration DATA: 'embedded' (calibration part), a .txt/.jsonl/.parquet file or a hub name")
     parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--calibration-seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
+    parser.add_argument("--check-sequences", type=int, default=2,
+                        help="further calibration sequences held out to choose auto's residual-basis structure by "
+                             "their real loss (default 2; 0: the error proxy chooses)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def _sparsify_settings(args) -> dict:
     settings = dict(sparsity=args.sparsity, calibration=args.calibration, num_sequences=args.num_sequences,
-                    sequence_length=args.calibration_seqlen)
+                    sequence_length=args.calibration_seqlen, check_sequences=args.check_sequences)
     if args.method is not None:
         settings["method"] = args.method
     return settings

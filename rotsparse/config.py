@@ -85,7 +85,8 @@ class SparsifyConfig:
             object.__setattr__(self, "site_coefficients", coefficients)
         if self.num_sequences < 1 or self.sequence_length < 1:
             raise ValueError("num_sequences and sequence_length must be >= 1")
-        if isinstance(self.check_sequences, bool) or not isinstance(self.check_sequences, int) or self.check_sequences < 0:
+        check = self.check_sequences
+        if isinstance(check, bool) or not isinstance(check, int) or check < 0:
             raise ValueError(f"check_sequences must be an integer >= 0, got {self.check_sequences!r}")
         if isinstance(self.error_tokens, bool) or not isinstance(self.error_tokens, int) or self.error_tokens < 1:
             raise ValueError(f"error_tokens must be an integer >= 1, got {self.error_tokens!r}")

@@ -20,8 +20,9 @@ requested sparsity, so one calibration serves every sparsity.
   2. Per-layer residual basis: identity, one model-level basis shared by all layers (``global``: PCA of
      the normalised attention inputs averaged over layers), PCA of the layer's normalised attention
      input with the attention sinks' massive-activation channels left unrotated (``pca_sink``: a full
-     PCA spreads them, and Top-K then cuts the sink token that every other token attends to), or PCA of
-     its norm's output (scale included). First the smallest h1 + h3 error at uniform K
+     PCA spreads them, and Top-K then cuts the sink token that every other token attends to), PCA of
+     its norm's output (scale included), or one ``pca_sink`` basis per run of 5 or 10 consecutive layers
+     (``run5``, ``run10``: adapters only between runs). First the smallest h1 + h3 error at uniform K
      wins; after each allocation, the chain of bases with the smallest error plus price x weights over
      all layers (dynamic programming): a residual adapter (d x d) is paid only where two neighbouring
      layers' bases differ, so identity or global runs of layers cost nothing; output rotations after
@@ -32,6 +33,10 @@ requested sparsity, so one calibration serves every sparsity.
   4. Per layer, a rotation of every value head (PCA of the attention outputs that read it), folded into
      v_proj's rows and o_proj's columns: free at run time (attention mixes each head's values linearly),
      so h2's curve in 3 is the smaller of the two at every K, and each layer takes the one better at its K.
+  5. Structure check (at `sparsify`, per sparsity): the error proxy misranks residual-basis structures (it
+     misses damage to the attention-sink token, rarely among its sampled rows), so 2-4 are run for each
+     structure -- all candidates chosen per layer, or one run<G> basis with the identity -- and the
+     sparsified model with the lowest real next-token loss on held-out calibration sequences wins.
 ``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
 ``topk``: magnitude Top-K on the unchanged model, no calibration.
 """
@@ -687,12 +692,18 @@ class Applied:
         return any(name != "identity" for name in self.residual_bases)
 
 
+def planned(calibration: Calibration, config: SparsifyConfig, site_sizes) -> tuple[list[int], tuple]:
+    """What `apply` will fold for `config.sparsity`: per layer the candidate rotation index, and K per site per
+    layer (explicit `config.site_coefficients` override the error allocation)."""
+    choice, keep_k = choose(calibration, site_sizes, config.sparsity, config.coefficients)
+    if config.site_coefficients is not None and calibration.options.allocation == "error":
+        keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
+    return choice, keep_k
+
+
 def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes) -> Applied:
     """Fold the calibrated choices for `config.sparsity` into the weights."""
-    coefficients = config.coefficients
-    choice, keep_k = choose(calibration, site_sizes, config.sparsity, coefficients)
-    if config.site_coefficients is not None and calibration.options.allocation == "error":
-        keep_k = allocate_keep_k(site_sizes, config.sparsity, coefficients)
+    choice, keep_k = planned(calibration, config, site_sizes)
     rotations = [layer.rotations[index] for layer, index in zip(calibration.layers, choice)]
     fold_rotations(adapter, rotations)
     value_choice = choose_value_rotations(calibration.layers, keep_k)
