@@ -8,8 +8,8 @@ identity + seg5, identity + seg10 (both charged), `auto-uncharged` (per-layer ba
 identity only -- measures the loss on calibration sequences 4-5 (4096 tokens of the calibration part, not used
 to calibrate) and the perplexity gap on 4096 held-out tokens. SmolLM2 (log: check_loss_ranking_smollm2-135m.log):
 the check loss ranks them as the evaluation does (50%: uncharged < seg5 < seg10 < auto ~ identity), and with
-value rotations seg5 reaches 0.45 / 0.43 of the Top-K gap at 50% / 40% (1.6% adapter weights). The next step
-for `auto`: choose the basis structure by this check loss instead of the proxy.
+value rotations seg5 reaches 0.45 / 0.43 of the Top-K gap at 50% / 40% (1.6% adapter weights).
+Adopted in session 8: `auto`'s "run<G>" candidates and its structure check (`AutoOptions.structure_check`).
 Usage: python eval/experiments/check_loss_ranking.py MODEL [THREADS]
 """
 import sys, copy, math, torch

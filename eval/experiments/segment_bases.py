@@ -1,4 +1,5 @@
-"""#7 (2026-11-23, not adopted yet): residual bases shared by runs of consecutive layers.
+"""#7 (2026-11-23): residual bases shared by runs of consecutive layers (adopted in session 8 as `auto`'s
+"run<G>" candidates, chosen by the real loss on held-out calibration sequences: check_loss_ranking.py).
 
 seg<G>: layers in groups of G consecutive layers share one basis, the sink-preserving PCA (`pca_sink`) of the
 group's summed normalised attention-input moments (4 calibration sequences), so residual adapters sit only at
