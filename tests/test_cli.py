@@ -5,7 +5,8 @@ import json
 import pytest
 
 import rotsparse
-from rotsparse.cli import build_parser, main
+from rotsparse.cli import _sparsify_settings, build_parser, main
+from rotsparse.config import SparsifyConfig
 from rotsparse.data import load_texts
 from rotsparse.evaluation import perplexity
 from rotsparse.models import load_model
@@ -111,3 +112,11 @@ def test_bench_on_a_synthetic_shape_reports_speed_and_bytes_limit(capsys):
     assert record["dtype"] == "float32" and record["layers"] == 1
     assert abs(record["effective_sparsity"] - 0.5) < 0.01
     assert 1.0 < record["bytes_limit_speedup"] < 2.0
+
+
+def test_check_sequences_reach_the_config():
+    parser = build_parser()
+    for argv, expected in (([], 2), (["--check-sequences", "0"], 0)):
+        args = parser.parse_args(["sparsify", "--model", "m", "--sparsity", "0.4", "--out", "o", *argv])
+        settings = _sparsify_settings(args)
+        assert SparsifyConfig(**{k: v for k, v in settings.items() if k != "calibration"}).check_sequences == expected

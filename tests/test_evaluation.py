@@ -179,3 +179,17 @@ def test_zero_shot_without_lm_eval_explains_install(model, tokenizer, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ImportError, match=r"pip install 'rotsparse\[eval\]'"):
         zero_shot(model, tokenizer, ["piqa"])
+
+
+def test_mean_loss_is_the_mean_next_token_cross_entropy():
+    from rotsparse.evaluation import mean_loss
+    from tiny_models import random_tokens, tiny_model
+
+    model = tiny_model("llama")
+    tokens = random_tokens(num_sequences=3, length=20)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    assert abs(mean_loss(model, tokens) - expected.item()) < 1e-5
+    with pytest.raises(ValueError, match="shape"):
+        mean_loss(model, tokens[:, :1])
