@@ -13,6 +13,7 @@ from torch import nn
 from . import methods
 from .adapters import ModelAdapter, get_adapter
 from .config import SITES, SparsifyConfig, SparsityPlan
+from .evaluation import mean_loss
 from .methods import CALIBRATED_METHODS, Calibration
 from .offload import adopt_hooks, is_offloaded
 from .topk import TopKLinear, allocate_keep_k, apply_topk_options, install_head_kernel, is_sparsified, site_sizes_of
@@ -132,8 +133,6 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         logger.warning("rotsparse: the model is offloaded; the structure check is skipped (the error proxy "
                        "chooses the residual bases)")
         return calibrated, ()
-    from .evaluation import mean_loss
-
     losses = {}
     for labels in same_plan.values():
         started = time.perf_counter()
