@@ -28,8 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rotsparse.api import calibrate, sparsify
-from rotsparse.config import SparsifyConfig
-from rotsparse.config import SITES
+from rotsparse.config import SITES, SparsifyConfig
 from rotsparse.methods import AutoOptions
 from rotsparse.topk import ROTATION_BUFFER
 

@@ -83,21 +83,22 @@ def calibrate(model: nn.Module, tokenizer=None, calibration: str | Sequence[str]
     """
     config = config or SparsifyConfig()
     torch.manual_seed(config.seed)
-    input_ids, attention_mask = _calibration_tokens(tokenizer, calibration, config)
+    held_out = config.check_sequences if config.method == "auto" else 0
+    input_ids, attention_mask = _calibration_tokens(tokenizer, calibration, config, held_out)
     check_input_ids = None
-    if config.check_sequences and config.method == "auto":
-        if input_ids.shape[0] > config.check_sequences and attention_mask is None:
-            input_ids, check_input_ids = input_ids[: -config.check_sequences], input_ids[-config.check_sequences:]
+    if held_out:
+        if input_ids.shape[0] > held_out and attention_mask is None:
+            input_ids, check_input_ids = input_ids[:-held_out], input_ids[-held_out:]
         else:
             logger.warning("rotsparse: %d calibration sequences are too few to hold out %d for the structure "
-                           "check; the error proxy chooses the residual bases", input_ids.shape[0],
-                           config.check_sequences)
+                           "check; the error proxy chooses the residual bases", input_ids.shape[0], held_out)
     return methods.calibrate(model, get_adapter(model), input_ids, attention_mask, config, options, progress,
                              check_input_ids)
 
 
-def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
-    """(input_ids (n, seq), attention_mask or None) from whatever the user passed."""
+def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig, held_out: int):
+    """(input_ids (n, seq), attention_mask or None) from whatever the user passed; from text,
+    `config.num_sequences` + `held_out` sequences."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dtype not in (torch.int32, torch.int64) or calibration.ndim != 2:
             raise ValueError(f"calibration token ids must be an integer tensor (n, seq), got "
@@ -108,8 +109,7 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig):
     from .data import calibration_batch, load_texts
 
     texts = load_texts("embedded" if calibration is None else calibration, part="calibration")
-    check_sequences = config.check_sequences if config.method == "auto" else 0
-    input_ids = calibration_batch(tokenizer, texts, num_sequences=config.num_sequences + check_sequences,
+    input_ids = calibration_batch(tokenizer, texts, num_sequences=config.num_sequences + held_out,
                                   sequence_length=config.sequence_length)
     return input_ids, None
 
@@ -122,10 +122,10 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
     structures = calibrated.structures()
     if len(structures) == 1 or calibrated.check_input_ids is None or config.sparsity == 0:
         return calibrated, ()
+    restricted = {label: calibrated.restricted(options) for label, options in structures.items()}
     same_plan: dict[tuple, list[str]] = {}
     for label, options in structures.items():
-        restricted = calibrated.restricted(options)
-        choice, keep_k = methods.planned(restricted, config, site_sizes)
+        choice, keep_k = methods.planned(restricted[label], config, site_sizes)
         same_plan.setdefault((tuple(options.rotations[index] for index in choice), keep_k), []).append(label)
     if len(same_plan) == 1:
         return calibrated, ()
@@ -138,7 +138,7 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         started = time.perf_counter()
         candidate = copy.deepcopy(model)
         candidate_adapter = get_adapter(candidate)
-        applied = methods.apply(candidate_adapter, calibrated.restricted(structures[labels[0]]), config, site_sizes)
+        applied = methods.apply(candidate_adapter, restricted[labels[0]], config, site_sizes)
         install_topk(candidate_adapter, SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes,
                                                      rotated=applied.rotated, config=config))
         loss = mean_loss(candidate, calibrated.check_input_ids)
@@ -147,7 +147,7 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         logger.info("rotsparse: structure %s: check loss %.4f (%.0f s)", "=".join(labels), loss,
                     time.perf_counter() - started)
     best = min(structures, key=losses.__getitem__)
-    return calibrated.restricted(structures[best]), tuple((label, losses[label]) for label in structures)
+    return restricted[best], tuple((label, losses[label]) for label in structures)
 
 
 def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], ...]:
