@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "auto-uncharged": ("auto", AutoOptions(charge_rotations=False), None),
     "auto-no-value-rotation": ("auto", AutoOptions(value_rotation=False), None),
     "auto-no-check": ("auto", AutoOptions(structure_check=False), None),
+    "auto-per-site": ("auto", AutoOptions(per_reader=False), None),
     "auto-no-runs": ("auto", AutoOptions(rotations=("identity", "global", "pca_sink", "pca_scaled")), None),
     "wina-unweighted": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", loss_weighted=False,
                                             value_rotation=False), None),
@@ -82,12 +83,13 @@ def adapter_overhead(model: torch.nn.Module) -> float:
 
 
 def chosen_plan(model) -> dict:
-    """What `auto` chose for one sparsity: K per site per layer, residual basis and value rotation per layer,
-    and the check loss of every residual-basis structure compared."""
+    """What `auto` chose for one sparsity: K per site (and per reader linear) per layer, residual basis and
+    value rotation per layer, and the check loss of every residual-basis structure compared."""
     plan = model.rotsparse_plan
     return {"sparsity": plan.config.sparsity, "effective_sparsity": plan.effective_sparsity,
             "adapter_overhead": adapter_overhead(model),
             "sites": list(SITES), "keep_k": [list(layer_k) for layer_k in plan.keep_k],
+            "reader_keep_k": [[list(site_k) for site_k in layer_k] for layer_k in plan.reader_keep_k],
             "widths": [[width for width, _ in layer] for layer in plan.site_sizes],
             "residual_basis": list(plan.residual_bases), "value_rotation": list(plan.value_rotated),
             "check_losses": dict(plan.check_losses)}

@@ -10,7 +10,7 @@ run_model() {
   local out=eval/results/quality_${short}.jsonl md=eval/results/quality_${short}.md
   python eval/quality.py --models "$model" --methods topk larosa --sparsities 0.25 0.4 0.5 0.6 \
     "${common[@]}" --out "$out" --markdown "$md"
-  python eval/quality.py --models "$model" --methods auto auto-no-check auto-no-runs auto-no-value-rotation auto-uncharged wina+alloc wina \
+  python eval/quality.py --models "$model" --methods auto auto-per-site auto-no-check auto-no-runs auto-no-value-rotation auto-uncharged wina+alloc wina \
     --sparsities 0.25 0.4 0.5 0.6 "${common[@]}" --reuse-dense --out "$out" --markdown "$md"
 }
 run_model smollm2-135m smollm2 > eval/results/quality_smollm2.log 2>&1 &

@@ -16,7 +16,8 @@ from .config import SITES, SparsifyConfig, SparsityPlan
 from .evaluation import mean_loss
 from .methods import CALIBRATED_METHODS, Calibration
 from .offload import adopt_hooks, is_offloaded
-from .topk import TopKLinear, allocate_keep_k, apply_topk_options, install_head_kernel, is_sparsified, site_sizes_of
+from .topk import (TopKLinear, allocate_keep_k, apply_topk_options, install_head_kernel, is_sparsified,
+                   reader_sizes_of, site_sizes_of)
 
 logger = logging.getLogger("rotsparse")
 
@@ -50,18 +51,19 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
     if is_sparsified(model) or hasattr(model, PLAN_ATTRIBUTE):
         raise RuntimeError("this model is already sparsified by rotsparse; load the original model to sparsify again")
     adapter = get_adapter(model)
-    site_sizes = site_sizes_for(adapter)
+    reader_sizes = reader_sizes_for(adapter)
     if config.method in CALIBRATED_METHODS:
         if calibrated is None:
             calibrated = calibrate(model, tokenizer, calibration, config=config, progress=progress)
         elif calibrated.method != config.method:
             raise ValueError(f"calibrated for method {calibrated.method!r}, asked for {config.method!r}")
-        chosen, check_losses = _checked_structure(model, calibrated, config, site_sizes)
-        applied = methods.apply(adapter, chosen, config, site_sizes)
-        plan = SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes, rotated=applied.rotated, config=config,
-                            calibration_tokens=calibrated.tokens, residual_bases=applied.residual_bases,
-                            value_rotated=applied.value_rotated, check_losses=check_losses)
+        chosen, check_losses = _checked_structure(model, calibrated, config, reader_sizes)
+        applied = methods.apply(adapter, chosen, config, reader_sizes)
+        plan = SparsityPlan.from_readers(applied.reader_keep_k, reader_sizes, rotated=applied.rotated, config=config,
+                                         calibration_tokens=calibrated.tokens, residual_bases=applied.residual_bases,
+                                         value_rotated=applied.value_rotated, check_losses=check_losses)
     else:
+        site_sizes = site_sizes_for(adapter)
         plan = SparsityPlan(keep_k=allocate_keep_k(site_sizes, config.sparsity, config.coefficients),
                             site_sizes=site_sizes, rotated=False, config=config)
     install_topk(adapter, plan)
@@ -115,7 +117,7 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig, held_out
 
 
 def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig,
-                       site_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
+                       reader_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
     """The calibration restricted to the residual-basis structure whose sparsified model has the lowest loss
     on the check sequences (`Calibration.structures`), and (label, loss) of every structure compared.
     Structures that lead to the same plan (bases and K in every layer) are evaluated once; if all do, none is."""
@@ -125,7 +127,7 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
     restricted = {label: calibrated.restricted(options) for label, options in structures.items()}
     same_plan: dict[tuple, list[str]] = {}
     for label, options in structures.items():
-        choice, keep_k = methods.planned(restricted[label], config, site_sizes)
+        choice, keep_k = methods.planned(restricted[label], config, reader_sizes)
         same_plan.setdefault((tuple(options.rotations[index] for index in choice), keep_k), []).append(label)
     if len(same_plan) == 1:
         return calibrated, ()
@@ -138,9 +140,9 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         started = time.perf_counter()
         candidate = copy.deepcopy(model)
         candidate_adapter = get_adapter(candidate)
-        applied = methods.apply(candidate_adapter, restricted[labels[0]], config, site_sizes)
-        install_topk(candidate_adapter, SparsityPlan(keep_k=applied.keep_k, site_sizes=site_sizes,
-                                                     rotated=applied.rotated, config=config))
+        applied = methods.apply(candidate_adapter, restricted[labels[0]], config, reader_sizes)
+        install_topk(candidate_adapter, SparsityPlan.from_readers(applied.reader_keep_k, reader_sizes,
+                                                                  rotated=applied.rotated, config=config))
         loss = mean_loss(candidate, calibrated.check_input_ids)
         del candidate, candidate_adapter
         losses.update({label: loss for label in labels})
@@ -155,6 +157,11 @@ def site_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[int, int], ...], 
     return tuple(site_sizes_of(layer_adapter.site_modules()) for layer_adapter in adapter.layer_adapters())
 
 
+def reader_sizes_for(adapter: ModelAdapter) -> tuple[tuple[tuple[tuple[int, int], ...], ...], ...]:
+    """(input width, parameters) of every reader linear of every site of every layer."""
+    return tuple(reader_sizes_of(layer_adapter.site_modules()) for layer_adapter in adapter.layer_adapters())
+
+
 def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
     """Attach the plan to the model, and to its config so that `save_pretrained` writes it."""
     setattr(model, PLAN_ATTRIBUTE, plan)
@@ -162,14 +169,16 @@ def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
 
 
 def install_topk(adapter: ModelAdapter, plan: SparsityPlan) -> None:
-    """Replace every site linear by a `TopKLinear` with the plan's K, and route the (dense) lm_head through
-    the dense decode kernel (`KernelLinear`: same weight, same function)."""
+    """Replace every site linear by a `TopKLinear` with the plan's K (per reader linear where the plan has
+    them), and route the (dense) lm_head through the dense decode kernel (`KernelLinear`: same weight, same
+    function)."""
     layer_adapters = adapter.layer_adapters()
     if len(plan.keep_k) != len(layer_adapters):
         raise ValueError(f"plan has {len(plan.keep_k)} layers, model has {len(layer_adapters)}")
-    for layer_adapter, layer_k in zip(layer_adapters, plan.keep_k):
-        for site, keep_k in zip(SITES, layer_k):
-            for parent, name in layer_adapter.site_linears()[site]:
+    for index, layer_adapter in enumerate(layer_adapters):
+        for position, site in enumerate(SITES):
+            linears = layer_adapter.site_linears()[site]
+            for (parent, name), keep_k in zip(linears, plan.site_reader_keep_k(index, position, len(linears))):
                 linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
                 setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
     apply_topk_options(adapter.model, plan.config)

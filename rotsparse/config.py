@@ -126,7 +126,8 @@ class SparsifyConfig:
 class SparsityPlan:
     """What calibration decided: K per site per layer, and whether the residual stream is rotated.
 
-    keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l.
+    keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l (with `reader_keep_k`: its readers'
+        parameter-weighted mean, rounded).
     site_sizes[l][s]: (input width, parameters fed) of that site, for effective-sparsity accounting.
     rotated: True when layerwise rotations were folded into the weights.
     calibration_tokens: tokens the statistics were computed on (0 when none were needed).
@@ -135,6 +136,9 @@ class SparsityPlan:
     value_rotated[l]: whether layer l's value heads were rotated; empty without calibration.
     check_losses: (structure label, next-token loss on the held-out check sequences) per candidate structure
         compared (`rotsparse.methods.AutoOptions.structure_check`), the chosen one lowest; empty if none were.
+    reader_keep_k[l][s][r], reader_params[l][s][r]: K and parameters of every reader linear r of a site (h1: q,
+        k, v; h3: gate, up), when each selects its own K (``auto``, `rotsparse.methods.AutoOptions.per_reader`);
+        empty: every reader of a site keeps `keep_k`. Build such a plan with `from_readers`.
     """
 
     keep_k: tuple[tuple[int, ...], ...]
@@ -145,14 +149,59 @@ class SparsityPlan:
     residual_bases: tuple[str, ...] = ()
     value_rotated: tuple[bool, ...] = ()
     check_losses: tuple[tuple[str, float], ...] = ()
+    reader_keep_k: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    reader_params: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    def __post_init__(self):
+        shape = [len(layer) for layer in self.keep_k]
+        if shape != [len(layer) for layer in self.site_sizes]:
+            raise ValueError(f"keep_k has {shape} sites per layer, site_sizes {[len(l) for l in self.site_sizes]}")
+        if not self.reader_keep_k and not self.reader_params:
+            return
+        reader_shape = [[len(site) for site in layer] for layer in self.reader_keep_k]
+        if reader_shape != [[len(site) for site in layer] for layer in self.reader_params]:
+            raise ValueError("reader_keep_k and reader_params differ in shape")
+        for index, (layer_k, layer_params, layer_sizes) in enumerate(
+                zip(self.reader_keep_k, self.reader_params, self.site_sizes, strict=True)):
+            for site_k, site_params, (width, params) in zip(layer_k, layer_params, layer_sizes, strict=True):
+                if sum(site_params) != params or not all(0 <= k <= width for k in site_k):
+                    raise ValueError(f"layer {index}: reader K {site_k} / parameters {site_params} do not fit the "
+                                     f"site (width {width}, {params} parameters)")
+
+    @classmethod
+    def from_readers(cls, reader_keep_k, reader_sizes, **fields) -> "SparsityPlan":
+        """A plan from K per reader linear (`reader_keep_k[l][s][r]`) and the readers' (width, parameters)
+        (`reader_sizes[l][s][r]`); `keep_k` and `site_sizes` are derived."""
+        reader_params = tuple(tuple(tuple(params for _, params in site) for site in layer) for layer in reader_sizes)
+        site_sizes = tuple(tuple((site[0][0], sum(params)) for site, params in zip(layer, layer_params))
+                           for layer, layer_params in zip(reader_sizes, reader_params))
+        keep_k = tuple(tuple(int(round(sum(k * p for k, p in zip(site_k, params)) / sum(params)))
+                             for site_k, params in zip(layer_k, layer_params))
+                       for layer_k, layer_params in zip(reader_keep_k, reader_params))
+        reader_keep_k = tuple(tuple(tuple(int(k) for k in site) for site in layer) for layer in reader_keep_k)
+        return cls(keep_k=keep_k, site_sizes=site_sizes, reader_keep_k=reader_keep_k, reader_params=reader_params,
+                   **fields)
+
+    def site_reader_keep_k(self, layer: int, site: int, readers: int) -> tuple[int, ...]:
+        """K of each of the `readers` reader linears of site `site` of layer `layer`."""
+        if not self.reader_keep_k:
+            return (self.keep_k[layer][site],) * readers
+        site_k = self.reader_keep_k[layer][site]
+        if len(site_k) != readers:
+            raise ValueError(f"layer {layer} site {SITES[site]}: the plan has K for {len(site_k)} reader linears, "
+                             f"the model has {readers}")
+        return site_k
 
     @property
     def effective_sparsity(self) -> float:
-        """Fraction of weight columns skipped per token, weighted by the parameters each site feeds."""
+        """Fraction of weight columns skipped per token, weighted by the parameters each reader linear feeds."""
         skipped = total = 0
-        for layer_k, layer_sizes in zip(self.keep_k, self.site_sizes):
-            for k, (width, params) in zip(layer_k, layer_sizes):
-                skipped += (width - k) * (params // width)
+        for index, (layer_k, layer_sizes) in enumerate(zip(self.keep_k, self.site_sizes)):
+            for site, (k, (width, params)) in enumerate(zip(layer_k, layer_sizes)):
+                readers = self.reader_params[index][site] if self.reader_params else (params,)
+                site_k = self.reader_keep_k[index][site] if self.reader_keep_k else (k,)
+                skipped += sum((width - reader_k) * (reader_params // width)
+                               for reader_k, reader_params in zip(site_k, readers))
                 total += params
         return skipped / total if total else 0.0
 
@@ -168,6 +217,8 @@ class SparsityPlan:
             "residual_bases": list(self.residual_bases),
             "value_rotated": list(self.value_rotated),
             "check_losses": [[label, loss] for label, loss in self.check_losses],
+            "reader_keep_k": [[list(site) for site in layer] for layer in self.reader_keep_k],
+            "reader_params": [[list(site) for site in layer] for layer in self.reader_params],
         }
 
     @classmethod
@@ -187,4 +238,8 @@ class SparsityPlan:
             residual_bases=tuple(str(name) for name in data.get("residual_bases", ())),
             value_rotated=tuple(bool(flag) for flag in data.get("value_rotated", ())),
             check_losses=tuple((str(label), float(loss)) for label, loss in data.get("check_losses", ())),
+            reader_keep_k=tuple(tuple(tuple(int(k) for k in site) for site in layer)
+                                for layer in data.get("reader_keep_k", ())),
+            reader_params=tuple(tuple(tuple(int(p) for p in site) for site in layer)
+                                for layer in data.get("reader_params", ())),
         )

@@ -27,9 +27,10 @@ requested sparsity, so one calibration serves every sparsity.
      all layers (dynamic programming): a residual adapter (d x d) is paid only where two neighbouring
      layers' bases differ, so identity or global runs of layers cost nothing; output rotations after
      post-norms are paid by every rotated layer.
-  3. K per site per layer minimising the sum of calibrated errors under the parameter-weighted budget
-     (Lagrangian on exact error curves; its multiplier is the price per weight in 2), unless
-     `site_coefficients` is given; 2 and 3 alternate until the rotation choice is stable.
+  3. K per reader linear (q, k, v, o; gate, up, down) per layer minimising the sum of calibrated errors under
+     the parameter-weighted budget (Lagrangian on exact error curves; its multiplier is the price per weight
+     in 2), unless `site_coefficients` is given; 2 and 3 alternate until the rotation choice is stable. Every
+     linear selects its own Top-K of its input anyway, so separate K cost nothing at run time.
   4. Per layer, a rotation of every value head (PCA of the attention outputs that read it), folded into
      v_proj's rows and o_proj's columns: free at run time (attention mixes each head's values linearly),
      so h2's curve in 3 is the smaller of the two at every K, and each layer takes the one better at its K.
@@ -72,7 +73,7 @@ from .rotation import (
     sink_preserving_rotation,
     topk_error_curve,
 )
-from .topk import allocate_keep_k, attach_output_rotation
+from .topk import allocate_keep_k, attach_output_rotation, site_sizes_from_readers
 
 CALIBRATED_METHODS = ("auto", "larosa")
 ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
@@ -103,6 +104,8 @@ class AutoOptions:
     value_rotation: offer, per layer, a rotation of every value head (PCA of its attention outputs) folded into
         v_proj's rows and o_proj's columns: free at run time; taken where its h2 error at the allocated K is
         lower. Needs loss-weighted errors when scaling (relative h1 errors would depend on that choice).
+    per_reader: with error allocation, one K per reader linear (q, k, v; gate, up: each selects its own Top-K
+        of the shared input, free at run time) instead of one per site.
     structure_check: with "run<G>" candidates, choose the residual-basis structure -- per layer among all
         candidates by the error proxy, or each run<G> basis with the identity alone -- by the real next-token
         loss of each sparsified candidate model on calibration sequences held out from calibration
@@ -116,6 +119,7 @@ class AutoOptions:
     loss_weighted: bool = True
     charge_rotations: bool = True
     value_rotation: bool = True
+    per_reader: bool = True
     structure_check: bool = True
 
     def __post_init__(self):
@@ -134,8 +138,9 @@ class LayerCalibration:
 
     rotations: candidate bases (d, d) float64, None = identity, in `AutoOptions.rotations` order; the same
         tensor object in two layers is one shared basis (no residual adapter between them).
-    curves[site]: Top-K output error for K = 0..width, (width + 1,) float64; for h1 and h3 one curve per
-        candidate rotation, for h2 one per candidate value rotation, for h4 one curve.
+    curves[site]: Top-K output error for K = 0..width of each reader linear (h1: q, k, v; h3: gate, up),
+        (readers, width + 1) float64, summing to the site's error; for h1 and h3 one per candidate rotation,
+        for h2 one per candidate value rotation, for h4 one.
     scales[site]: WINA scales to fold (`fold_scales`), one per candidate like the curves: h1/h3 (d,), h2 one
         per value channel, h4 one per down_proj input; empty without scaling.
     adapter_weights: weights of a residual adapter (d x d) into this layer's basis from a different one.
@@ -400,12 +405,14 @@ def _calibrate_layer(layer_adapter: LayerAdapter, attn_moment: torch.Tensor, row
                    for site, site_weights in weights.items()}
 
     def curve(site: str, inputs: torch.Tensor, readers: list[torch.Tensor]) -> torch.Tensor:
-        if sensitivity is None:
-            return topk_error_curve(inputs, torch.cat(readers), relative=True)
+        """(readers, width + 1): each reader's error; their sum is the site's error."""
         tiny = torch.finfo(torch.float64).tiny
-        return sum(topk_error_curve(inputs * (token_weights[site][i] / fisher[site][i].sum().clamp_min(tiny))
-                                    .sqrt()[:, None], reader, relative=False)
-                   for i, reader in enumerate(readers))
+        if sensitivity is None:  # relative to the site's whole output: the readers' errors still add up
+            errors = torch.stack([topk_error_curve(inputs, reader, relative=False) for reader in readers])
+            return errors / errors[:, 0].sum().clamp_min(tiny)
+        return torch.stack([topk_error_curve(inputs * (token_weights[site][i] / fisher[site][i].sum().clamp_min(tiny))
+                                             .sqrt()[:, None], reader, relative=False)
+                            for i, reader in enumerate(readers)])
 
     curves = {site: [] for site in SITES}
     scales = {site: [] for site in SITES} if options.scaling else {}
@@ -449,62 +456,105 @@ def _attention_heads(layer_adapter: LayerAdapter) -> tuple[int, int]:
 
 # plan --------------------------------------------------------------------------------------------
 
-def choose(calibration: Calibration, site_sizes, sparsity: float, coefficients,
-           rounds: int = 3) -> tuple[list[int], tuple]:
-    """Per layer, the candidate rotation index; and K per site per layer.
+ReaderKeepK = tuple[tuple[tuple[int, ...], ...], ...]
+"""K per reader linear per site per layer, keep_k[l][s][r] (`SparsityPlan.reader_keep_k`)."""
 
+
+def choose(calibration: Calibration, reader_sizes, sparsity: float, coefficients,
+           rounds: int = 3) -> tuple[list[int], ReaderKeepK]:
+    """Per layer, the candidate rotation index; and K per reader linear per site per layer.
+
+    reader_sizes[l][s][r]: (input width, parameters) of reader linear r of site s (`topk.reader_sizes_of`).
     First each layer takes the rotation with the smallest h1 + h3 error at uniform K. With error allocation,
-    K is then allocated for the chosen rotations at a price per kept weight, and the rotations are re-chosen
-    for the whole chain of layers (`_choose_rotations`) at that price; the two steps repeat (at most `rounds`
-    times) until stable.
+    K is then allocated for the chosen rotations at a price per kept weight -- one K per reader linear with
+    `AutoOptions.per_reader`, else one per site -- and the rotations are re-chosen for the whole chain of
+    layers (`_choose_rotations`) at that price; the two steps repeat (at most `rounds` times) until stable.
     """
-    keep_k = allocate_keep_k(site_sizes, sparsity, coefficients)
+    keep_k = _expand(allocate_keep_k([site_sizes_from_readers(layer) for layer in reader_sizes], sparsity,
+                                     coefficients), reader_sizes)
     layers = calibration.layers
     options = calibration.options
     choice, price = [0] * len(layers), None
     for round_index in range(rounds):
         previous = choice
-        choice = _choose_rotations(layers, keep_k, site_sizes, price, options.charge_rotations)
+        choice = _choose_rotations(layers, keep_k, reader_sizes, price, options)
         if options.allocation != "error" or (round_index > 0 and choice == previous):
             break
-        curves = [[layer.curves["h1"][choice[i]], _value_curve(layer), layer.curves["h3"][choice[i]],
-                   layer.curves["h4"][0]] for i, layer in enumerate(layers)]
-        keep_k, price = allocate_by_error(curves, site_sizes, sparsity)
+        curves = [[layer.curves["h1"][index], _value_curve(layer), layer.curves["h3"][index], layer.curves["h4"][0]]
+                  for layer, index in zip(layers, choice)]
+        keep_k, price = _allocate(curves, reader_sizes, sparsity, options.per_reader)
     return choice, keep_k
 
 
+def _expand(site_keep_k, reader_sizes) -> ReaderKeepK:
+    """K per site per layer as K per reader linear: every reader of a site keeps the site's K."""
+    return tuple(tuple((int(k),) * len(readers) for k, readers in zip(layer_k, layer))
+                 for layer_k, layer in zip(site_keep_k, reader_sizes))
+
+
+def _units(curves: torch.Tensor, sizes, per_reader: bool) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """One site's allocation units, (error curve (width + 1,), (width, parameters)): each reader linear
+    (`curves` (readers, width + 1), `sizes` per reader), or the whole site (summed) unless `per_reader`."""
+    if per_reader:
+        return list(zip(curves, sizes))
+    return [(curves.sum(0), (sizes[0][0], sum(params for _, params in sizes)))]
+
+
+def _allocate(curves, reader_sizes, sparsity: float, per_reader: bool) -> tuple[ReaderKeepK, float]:
+    """`allocate_by_error` over the units (`_units`) of every site (`curves[l][s]`: (readers, width + 1)), as K
+    per reader linear; and the price per kept weight."""
+    units = [[unit for site_curves, sizes in zip(layer_curves, layer_sizes)
+              for unit in _units(site_curves, sizes, per_reader)]
+             for layer_curves, layer_sizes in zip(curves, reader_sizes)]
+    unit_k, price = allocate_by_error([[curve for curve, _ in layer] for layer in units],
+                                      [[size for _, size in layer] for layer in units], sparsity)
+    keep_k = []
+    for layer_k, layer_sizes in zip(unit_k, reader_sizes):
+        remaining = iter(layer_k)
+        keep_k.append(tuple(tuple(next(remaining) for _ in sizes) if per_reader else (next(remaining),) * len(sizes)
+                            for sizes in layer_sizes))
+    return tuple(keep_k), price
+
+
 def _value_curve(layer: LayerCalibration) -> torch.Tensor:
-    """The h2 error at every K with the better value rotation there: they are free, so each K takes its best."""
+    """The h2 error (1, width + 1) at every K with the better value rotation there: they are free, so each K
+    takes its best."""
     return torch.stack(layer.curves["h2"]).min(0).values
 
 
-def choose_value_rotations(layers: list[LayerCalibration], keep_k) -> list[int]:
-    """Per layer, the value-rotation candidate with the smallest h2 error at the layer's K (`keep_k[l][1]`)."""
-    return [min(range(len(layer.curves["h2"])), key=lambda c: float(layer.curves["h2"][c][layer_k[1]]))
+def choose_value_rotations(layers: list[LayerCalibration], keep_k: ReaderKeepK) -> list[int]:
+    """Per layer, the value-rotation candidate with the smallest h2 error at the layer's o_proj K
+    (`keep_k[l][1][0]`)."""
+    return [min(range(len(layer.curves["h2"])), key=lambda c: float(layer.curves["h2"][c][0][layer_k[1][0]]))
             if layer.curves else 0 for layer, layer_k in zip(layers, keep_k)]
 
 
-def _choose_rotations(layers: list[LayerCalibration], keep_k, site_sizes, price: float | None,
-                      charge: bool) -> list[int]:
+def _choose_rotations(layers: list[LayerCalibration], keep_k: ReaderKeepK, reader_sizes, price: float | None,
+                      options: AutoOptions) -> list[int]:
     """Candidate rotation index per layer minimising the summed h1 + h3 errors (plus weights x price).
 
-    Without a price: each layer's smallest error at `keep_k`. With a price: each candidate's error at its own
-    best K for that price per kept weight; with `charge` also the weights rotations add at run time: a
-    layer's output rotations if rotated, and a residual adapter between neighbouring layers whose bases
-    differ (different tensor objects; None = identity). A shortest path over the chain of layers.
+    Without a price: each layer's smallest error at `keep_k`. With a price: each candidate's error with every
+    allocation unit (`_units`: reader linear or site) at its own best K for that price per kept weight; with
+    `options.charge_rotations` also the weights rotations add at run time: a layer's output rotations if
+    rotated, and a residual adapter between neighbouring layers whose bases differ (different tensor objects;
+    None = identity). A shortest path over the chain of layers.
     """
+    charge = options.charge_rotations
+
     def error(layer: LayerCalibration, index: int, layer_k, sizes) -> float:
         if price is None:
-            return float(layer.curves["h1"][index][layer_k[0]] + layer.curves["h3"][index][layer_k[2]])
-        total = sum(float((layer.curves[site][index] + price * _weights_kept(*size)).min())
-                    for site, size in (("h1", sizes[0]), ("h3", sizes[2])))
+            return sum(float(curve[k]) for site, position in (("h1", 0), ("h3", 2))
+                       for curve, k in zip(layer.curves[site][index], layer_k[position]))
+        total = sum(float((curve + price * _weights_kept(*size)).min())
+                    for site, position in (("h1", 0), ("h3", 2))
+                    for curve, size in _units(layer.curves[site][index], sizes[position], options.per_reader))
         if charge and layer.rotations[index] is not None:
             total += price * layer.output_rotation_weights
         return total
 
     costs = [[error(layer, index, layer_k, sizes) if len(layer.rotations) > 1 else 0.0
               for index in range(len(layer.rotations))]
-             for layer, layer_k, sizes in zip(layers, keep_k, site_sizes)]
+             for layer, layer_k, sizes in zip(layers, keep_k, reader_sizes)]
     if price is None or not charge:
         return [min(range(len(layer_costs)), key=layer_costs.__getitem__) for layer_costs in costs]
     best, back = list(costs[0]), []  # best[c]: cheapest chain ending in candidate c of the current layer
@@ -525,19 +575,20 @@ def _weights_kept(width: int, params: int) -> torch.Tensor:
     return (params / width) * torch.arange(width + 1, dtype=torch.float64)
 
 
-def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
+def allocate_by_error(curves: list[list[torch.Tensor]], unit_sizes,
                       sparsity: float) -> tuple[tuple[tuple[int, ...], ...], float]:
-    """K per site per layer minimising sum of curves[l][s][K] with parameter-weighted sparsity >= `sparsity`,
-    and the price per kept weight at that budget.
+    """K per unit per layer minimising sum of curves[l][s][K] with parameter-weighted sparsity >= `sparsity`,
+    and the price per kept weight at that budget. A unit (a site, or one reader linear of a site) has
+    unit_sizes[l][s] = (input width, parameters fed) and curves[l][s] (width + 1,).
 
     Lagrangian: for a price lam per kept parameter, each site independently takes argmin_K e(K) + lam * K *
     params/width; lam is bisected to the budget, then columns are given back greedily while they fit.
     """
     if sparsity == 0:
-        return tuple(tuple(width for width, _ in layer) for layer in site_sizes), 0.0
+        return tuple(tuple(width for width, _ in layer) for layer in unit_sizes), 0.0
     flat = [(curve, width, params / width, _weights_kept(width, params))
-            for layer_curves, layer in zip(curves, site_sizes) for curve, (width, params) in zip(layer_curves, layer)]
-    total = sum(params for layer in site_sizes for _, params in layer)
+            for layer_curves, layer in zip(curves, unit_sizes) for curve, (width, params) in zip(layer_curves, layer)]
+    total = sum(params for layer in unit_sizes for _, params in layer)
     budget = (1.0 - sparsity) * total
 
     def pick(lam: float) -> list[int]:
@@ -564,7 +615,7 @@ def allocate_by_error(curves: list[list[torch.Tensor]], site_sizes,
         keep[index] += 1
         used += flat[index][2]
     iterator = iter(keep)
-    return tuple(tuple(next(iterator) for _ in layer) for layer in site_sizes), high
+    return tuple(tuple(next(iterator) for _ in layer) for layer in unit_sizes), high
 
 
 # weight surgery ----------------------------------------------------------------------------------
@@ -680,10 +731,10 @@ def fold_scales(layer_adapter: LayerAdapter, scales: dict[str, torch.Tensor] | N
 
 @dataclass(frozen=True)
 class Applied:
-    """What `apply` folded: K per site per layer, and per layer the residual basis (candidate name) and whether
-    its value heads were rotated."""
+    """What `apply` folded: K per reader linear per site per layer, and per layer the residual basis (candidate
+    name) and whether its value heads were rotated."""
 
-    keep_k: tuple[tuple[int, ...], ...]
+    reader_keep_k: ReaderKeepK
     residual_bases: tuple[str, ...]
     value_rotated: tuple[bool, ...]
 
@@ -692,18 +743,20 @@ class Applied:
         return any(name != "identity" for name in self.residual_bases)
 
 
-def planned(calibration: Calibration, config: SparsifyConfig, site_sizes) -> tuple[list[int], tuple]:
-    """What `apply` will fold for `config.sparsity`: per layer the candidate rotation index, and K per site per
-    layer (explicit `config.site_coefficients` override the error allocation)."""
-    choice, keep_k = choose(calibration, site_sizes, config.sparsity, config.coefficients)
+def planned(calibration: Calibration, config: SparsifyConfig, reader_sizes) -> tuple[list[int], ReaderKeepK]:
+    """What `apply` will fold for `config.sparsity`: per layer the candidate rotation index, and K per reader
+    linear per site per layer (explicit `config.site_coefficients` override the error allocation: one K per
+    site)."""
+    choice, keep_k = choose(calibration, reader_sizes, config.sparsity, config.coefficients)
     if config.site_coefficients is not None and calibration.options.allocation == "error":
-        keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
+        site_sizes = [site_sizes_from_readers(layer) for layer in reader_sizes]
+        keep_k = _expand(allocate_keep_k(site_sizes, config.sparsity, config.coefficients), reader_sizes)
     return choice, keep_k
 
 
-def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, site_sizes) -> Applied:
+def apply(adapter: ModelAdapter, calibration: Calibration, config: SparsifyConfig, reader_sizes) -> Applied:
     """Fold the calibrated choices for `config.sparsity` into the weights."""
-    choice, keep_k = planned(calibration, config, site_sizes)
+    choice, keep_k = planned(calibration, config, reader_sizes)
     rotations = [layer.rotations[index] for layer, index in zip(calibration.layers, choice)]
     fold_rotations(adapter, rotations)
     value_choice = choose_value_rotations(calibration.layers, keep_k)

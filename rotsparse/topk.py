@@ -315,16 +315,27 @@ def allocate_keep_k(site_sizes: list[tuple[tuple[int, int], ...]], sparsity: flo
     )
 
 
-def site_sizes_of(layer_linears: dict[str, list[nn.Linear]]) -> tuple[tuple[int, int], ...]:
-    """(input width, parameters fed) of each site, in `SITES` order."""
+def reader_sizes_of(layer_linears: dict[str, list[nn.Linear]]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(input width, parameters) of every reader linear of each site, in `SITES` order (h1: q, k, v; h3: gate,
+    up: the layer adapter's order)."""
     sizes = []
     for site in SITES:
         linears = layer_linears[site]
         widths = {linear.in_features for linear in linears}
         if len(widths) != 1:
             raise ValueError(f"linears at site {site} disagree on input width: {sorted(widths)}")
-        sizes.append((widths.pop(), sum(linear.in_features * linear.out_features for linear in linears)))
+        sizes.append(tuple((linear.in_features, linear.in_features * linear.out_features) for linear in linears))
     return tuple(sizes)
+
+
+def site_sizes_of(layer_linears: dict[str, list[nn.Linear]]) -> tuple[tuple[int, int], ...]:
+    """(input width, parameters fed) of each site, in `SITES` order."""
+    return site_sizes_from_readers(reader_sizes_of(layer_linears))
+
+
+def site_sizes_from_readers(layer_readers: tuple[tuple[tuple[int, int], ...], ...]) -> tuple[tuple[int, int], ...]:
+    """One layer's (input width, parameters fed) per site from its `reader_sizes_of`."""
+    return tuple((readers[0][0], sum(params for _, params in readers)) for readers in layer_readers)
 
 
 def is_sparsified(model: nn.Module) -> bool:

@@ -185,7 +185,13 @@ def test_config_and_plan_json_round_trip():
     plan = model.rotsparse_plan
     assert len(plan.residual_bases) == len(plan.value_rotated) == len(plan.keep_k) and plan.check_losses
     restored = SparsityPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert restored == plan
+    assert restored == plan and plan.reader_keep_k
+    old_format = {key: value for key, value in plan.to_dict().items() if not key.startswith("reader_")}
+    assert SparsityPlan.from_dict(old_format).reader_keep_k == ()  # plans saved before per-reader K still load
+    bad = plan.to_dict()
+    bad["reader_params"][0][0][0] += 1
+    with pytest.raises(ValueError, match="do not fit the site"):
+        SparsityPlan.from_dict(bad)
     with pytest.raises(ValueError, match="format version"):
         SparsityPlan.from_dict({**plan.to_dict(), "format_version": 99})
     with pytest.raises(ValueError, match="unknown SparsifyConfig fields"):

@@ -112,8 +112,8 @@ def test_a_rotation_must_pay_for_the_weights_it_adds():
     """Two layers whose own rotations lower the h1/h3 error a little (5%) or a lot (60%). Any rotation but
     none needs one residual adapter (the embeddings and the head are folded for free). Charged for it at the
     allocation's price, only the large gain keeps its rotations; uncharged, both do."""
-    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
-    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    sizes = (((100, 10000),), ((100, 10000),), ((100, 40000),), ((100, 40000),))  # one reader linear per site
+    base = (1 - torch.arange(101, dtype=torch.float64) / 100)[None]
     for gain, charged in ((0.95, [0, 0]), (0.4, [1, 1])):
         layers = []
         for _ in range(2):
@@ -131,8 +131,8 @@ def test_adapters_are_paid_only_where_neighbouring_bases_differ():
     better than the shared one, which is much better than identity. Charged, the chain keeps the shared
     basis everywhere (no adapter at all) rather than paying an adapter at every switch; uncharged, every
     layer takes its own basis. Output rotations (post-norms) are paid by every rotated layer."""
-    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
-    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    sizes = (((100, 10000),), ((100, 10000),), ((100, 40000),), ((100, 40000),))
+    base = (1 - torch.arange(101, dtype=torch.float64) / 100)[None]
     shared = torch.eye(4, dtype=torch.float64)
 
     def layers(output_rotation_weights: int) -> list[LayerCalibration]:
@@ -261,7 +261,7 @@ def test_loss_sensitivity_is_the_squared_loss_gradient_of_each_output(family):
 
 
 def test_loss_weighted_error_curves_weigh_every_token_and_output_of_every_reader():
-    """curve(K) = mean_t sum_readers a_rt * sum_i (f_ri / sum f_r) * (W_r r_t(K))_i^2: a_rt the token's gradient
+    """curve_r(K) = mean_t a_rt * sum_i (f_ri / sum f_r) * (W_r r_t(K))_i^2: a_rt the token's gradient
     energy at reader r, f_r its Fisher, r_t(K) what Top-K drops from row t (checked at the exact grid points)."""
     from rotsparse.methods import _calibrate_layer
 
@@ -278,11 +278,11 @@ def test_loss_weighted_error_curves_weigh_every_token_and_output_of_every_reader
         width = rows[site].shape[1]
         for k in torch.unique(torch.linspace(0, width, 33).round().long()).tolist():
             dropped = rows[site] - keep_topk(rows[site], k)
-            brute = 0.0
-            for f, a, module in zip(fisher[site], token_weights[site], modules[site]):
+            assert result.curves[site][0].shape == (len(modules[site]), width + 1)
+            for reader, (f, a, module) in enumerate(zip(fisher[site], token_weights[site], modules[site])):
                 weight = module.weight.double() * (norm_scale if site == "h1" else 1.0)
-                brute += (a[:, None] * f / f.sum() * (dropped @ weight.T).pow(2)).sum() / len(dropped)
-            assert torch.isclose(result.curves[site][0][k], torch.as_tensor(brute), rtol=1e-4), (site, k)
+                brute = (a[:, None] * f / f.sum() * (dropped @ weight.T).pow(2)).sum() / len(dropped)
+                assert torch.isclose(result.curves[site][0][reader, k], brute, rtol=1e-4), (site, reader, k)
 
 
 def test_loss_weighted_calibration_folds_its_own_scales_exactly():
@@ -296,7 +296,7 @@ def test_loss_weighted_calibration_folds_its_own_scales_exactly():
     assert len(layer.scales["h1"]) == len(layer.rotations)
     assert len(layer.scales["h2"]) == len(layer.value_rotations) == 2
     # absolute (loss-unit) errors: decreasing to 0, not normalised to 1 at K = 0
-    curve = layer.curves["h3"][0]
+    curve = layer.curves["h3"][0].sum(0)  # the site: gate + up
     assert curve[-1] == 0 and curve[0] > 0 and not torch.isclose(curve[0], torch.tensor(1.0, dtype=torch.float64))
     rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
     assert relative_error(logits(model, tokens), expected) < 1e-4
@@ -337,18 +337,82 @@ def test_value_rotation_folding_is_exact(family):
         fold_value_rotation(layers[0], _random_head_rotations(3, layers[0].o_proj.in_features // 4, seed=0))
 
 
+def test_k_is_allocated_per_reader_linear_where_the_readers_differ():
+    """h1 read by three linears whose errors differ (q costly, k cheap, v in between), h3 by two: with
+    `per_reader`, the cheap reader is sparser than the costly one at the same budget (parameter-weighted over
+    reader linears, within one column each) and the summed error is lower; without, a site's readers share K."""
+    keep = torch.arange(101, dtype=torch.float64)
+    costly, middle, cheap = 1 - keep / 100, (1 - keep / 100).pow(2), (1 - keep / 100).pow(6)
+    sizes = (((100, 10000), (100, 2500), (100, 2500)), ((100, 10000),), ((100, 20000), (100, 20000)),
+             ((100, 40000),))
+    curves = {"h1": [torch.stack([costly, cheap, middle])], "h2": [costly[None]], "h3": [torch.stack([cheap, costly])],
+              "h4": [costly[None]]}
+    layers = [LayerCalibration([None], curves, {})] * 2
+    total = 2 * sum(params for site in sizes for _, params in site)
+    summed_error = {}
+    for per_reader in (True, False):
+        calibration = Calibration("auto", AutoOptions(per_reader=per_reader), layers, 0, 0.0, 0.0)
+        _, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
+        assert [len(site) for site in keep_k[0]] == [3, 1, 2, 1]
+        kept = sum(k * params / width for layer_k in keep_k for site_k, site in zip(layer_k, sizes)
+                   for k, (width, params) in zip(site_k, site))
+        assert 0.5 <= 1 - kept / total <= 0.5 + 2 * 7 * 400 / total
+        summed_error[per_reader] = sum(float(curve[k]) for layer_k in keep_k for site, site_k in zip(SITES, layer_k)
+                                       for curve, k in zip(curves[site][0], site_k))
+        h1, h3 = keep_k[0][0], keep_k[0][2]
+        if per_reader:
+            assert h1[1] < h1[2] < h1[0] and h3[0] < h3[1], keep_k[0]
+        else:
+            assert len(set(h1)) == 1 and len(set(h3)) == 1
+    assert summed_error[True] < summed_error[False]
+
+
+def test_sparsify_installs_the_k_of_every_reader_linear_and_it_survives_save_and_load(tmp_path):
+    """``auto`` (GQA model: q and k/v differ in size) plans a K per reader linear; every TopKLinear keeps its
+    own, the plan's effective sparsity counts them, and save/load restores them with the same function."""
+    from rotsparse.io import load, save
+
+    model = tiny_model("qwen2", num_layers=3)
+    calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           progress=False)
+    rotsparse.sparsify(model, sparsity=0.5, calibrated=calibrated, progress=False)
+    plan = model.rotsparse_plan
+    installed, kept, total = [], 0, 0
+    for layer_adapter in get_adapter(model).layer_adapters():
+        modules = layer_adapter.site_modules()
+        installed.append(tuple(tuple(module.keep_k for module in modules[site]) for site in SITES))
+        for module in (m for site in SITES for m in modules[site]):
+            assert isinstance(module, TopKLinear)
+            kept += module.keep_k * module.out_features
+            total += module.in_features * module.out_features
+    assert tuple(installed) == plan.reader_keep_k
+    assert [len(site) for site in plan.reader_keep_k[0]] == [3, 1, 2, 1]
+    assert abs(plan.effective_sparsity - (1 - kept / total)) < 1e-12
+    assert abs(plan.effective_sparsity - 0.5) < 0.05
+    tokens = random_tokens(num_sequences=2, length=16)
+    expected = logits(model, tokens)
+    save(model, tmp_path)
+    restored = load(tmp_path)
+    assert restored.rotsparse_plan == plan
+    assert torch.allclose(logits(restored, tokens), expected, atol=1e-5, rtol=1e-5)
+    for layer_adapter, layer_k in zip(get_adapter(restored).layer_adapters(), plan.reader_keep_k):
+        modules = layer_adapter.site_modules()
+        assert tuple(tuple(m.keep_k for m in modules[site]) for site in SITES) == layer_k
+
+
 def test_value_rotation_is_taken_where_its_h2_error_is_lower():
     """Value rotations are free: the allocation sees, per K, the smaller of the two h2 errors, and each layer
     takes the candidate that is better at its allocated K (here: the rotation wins only when sparse)."""
-    sizes = ((100, 10000), (100, 10000), (100, 40000), (100, 40000))
-    base = 1 - torch.arange(101, dtype=torch.float64) / 100
+    sizes = (((100, 10000),), ((100, 10000),), ((100, 40000),), ((100, 40000),))
+    base = (1 - torch.arange(101, dtype=torch.float64) / 100)[None]
     sparse_winner = torch.where(torch.arange(101) < 50, 0.1 * base, 2 * base)
     layer = LayerCalibration([None], {"h1": [base], "h2": [base, sparse_winner], "h3": [base], "h4": [base]}, {},
                              value_rotations=[None, torch.eye(4, dtype=torch.float64)])
-    assert choose_value_rotations([layer, layer], (((100, 30, 100, 100)), (100, 70, 100, 100))) == [1, 0]
+    assert choose_value_rotations([layer, layer], (((100,), (30,), (100,), (100,)),
+                                                   ((100,), (70,), (100,), (100,)))) == [1, 0]
     calibration = Calibration("auto", AutoOptions(), [layer] * 2, 0, 0.0, 0.0)
     _, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
-    assert all(layer_k[1] < 50 for layer_k in keep_k), "the cheap rotated h2 curve must draw sparsity to h2"
+    assert all(layer_k[1][0] < 50 for layer_k in keep_k), "the cheap rotated h2 curve must draw sparsity to h2"
     assert choose_value_rotations([layer] * 2, keep_k) == [1, 1]
 
 
