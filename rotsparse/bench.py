@@ -198,12 +198,16 @@ def sparse_copy(dense: nn.Module, sparsify_kwargs: dict) -> nn.Module:
     return sparsify(copy.deepcopy(dense), **sparsify_kwargs)
 
 
-def structural_sparse_copy(dense: nn.Module, config) -> nn.Module:
+def structural_sparse_copy(dense: nn.Module, config, adapter_every: int = 1) -> nn.Module:
     """A copy of `dense` with the run-time structure `sparsify(config)` gives, without calibration or folding.
 
-    Top-K linears at the plan's K, and (for rotating methods) a d x d residual adapter after every layer but
-    the last. Values are not rotated: for timing random weights, values do not matter under fixed Top-K.
+    Top-K linears at the plan's K, and (for rotating methods) a d x d residual adapter after every
+    `adapter_every`-th layer but the last: 1 is the worst case (a basis per layer), G the structure of
+    ``auto``'s run<G> bases (adapters only between runs of G layers). Values are not rotated: for timing
+    random weights, values do not matter under fixed Top-K.
     """
+    if isinstance(adapter_every, bool) or not isinstance(adapter_every, int) or adapter_every < 1:
+        raise ValueError(f"adapter_every must be an integer >= 1, got {adapter_every!r}")
     from .adapters import get_adapter
     from .api import attach_plan, install_topk, site_sizes_for
     from .config import SparsityPlan
@@ -217,7 +221,7 @@ def structural_sparse_copy(dense: nn.Module, config) -> nn.Module:
     plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
     if rotated:
         width, weight = adapter.hidden_size, adapter.embed_tokens.weight
-        for layer in list(adapter.layers)[:-1]:
+        for layer in list(adapter.layers)[adapter_every - 1 : -1 : adapter_every]:
             attach_output_rotation(layer, torch.eye(width, dtype=weight.dtype, device=weight.device))
     install_topk(adapter, plan)
     attach_plan(model, plan)

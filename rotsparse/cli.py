@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", required=True,
                        help="any MODEL eval takes, or synthetic:llama2-7b / synthetic:llama3-8b (random weights)")
     bench.add_argument("--layers", type=int, default=None, help="keep only N decoder layers (synthetic models)")
+    bench.add_argument("--adapter-every", type=int, default=None,
+                       help="synthetic models, rotating methods: a residual adapter after every G-th layer (default 1, "
+                            "the worst case; G = the structure of auto's run<G> bases)")
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="weights dtype")
     bench.add_argument("--sparsity", type=float, required=True, help="effective sparsity in [0, 1)")
     bench.add_argument("--method", default=None, help="sparsification method (default: library default)")
@@ -188,8 +191,10 @@ def sparsify_command(args) -> dict:
 
 
 def bench_command(args) -> dict:
+    from .adapters import get_adapter
     from .bench import benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
     from .config import SparsifyConfig
+    from .topk import ROTATION_BUFFER
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +203,11 @@ def bench_command(args) -> dict:
     if args.model.startswith("synthetic:"):
         dense = synthetic_model(args.model.removeprefix("synthetic:"), num_layers=args.layers, dtype=dtype)
         dense.to(args.device)
-        sparse = structural_sparse_copy(dense, SparsifyConfig(**settings))
+        sparse = structural_sparse_copy(dense, SparsifyConfig(**settings), adapter_every=args.adapter_every or 1)
     else:
+        if args.adapter_every is not None:
+            raise ValueError("--adapter-every applies to synthetic models; a real model's adapters come from its "
+                             "calibration")
         from .models import load_model
 
         dense, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
@@ -209,7 +217,9 @@ def bench_command(args) -> dict:
         sparse = sparse_copy(dense, {"tokenizer": tokenizer, **settings})
     kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
     result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense)
-    return {"model": args.model, "layers": len(dense.model.layers), **result.to_dict()}
+    adapters = sum(hasattr(layer, ROTATION_BUFFER) for layer in get_adapter(sparse).layers)
+    return {"model": args.model, "layers": len(dense.model.layers), "residual_adapters": adapters,
+            **result.to_dict()}
 
 
 def recover_command(args) -> dict:

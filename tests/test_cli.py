@@ -114,6 +114,21 @@ def test_bench_on_a_synthetic_shape_reports_speed_and_bytes_limit(capsys):
     assert 1.0 < record["bytes_limit_speedup"] < 2.0
 
 
+def test_synthetic_structure_places_residual_adapters_every_g_layers():
+    """The bench's stand-in for a rotated model: a d x d adapter after every G-th layer but the last (G = 1:
+    after every layer, the worst case), none for topk; the function's weights are untouched."""
+    from rotsparse.bench import structural_sparse_copy
+    from rotsparse.topk import ROTATION_BUFFER
+
+    dense = tiny_model("llama", num_layers=5)
+    for method, every, expected in (("larosa", 1, [0, 1, 2, 3]), ("larosa", 2, [1, 3]), ("auto", 5, []),
+                                    ("auto", 3, [2]), ("topk", 1, [])):
+        model = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.5, method=method), adapter_every=every)
+        assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer, ROTATION_BUFFER)] == expected
+    with pytest.raises(ValueError, match="adapter_every"):
+        structural_sparse_copy(dense, SparsifyConfig(sparsity=0.5), adapter_every=0)
+
+
 def test_check_sequences_reach_the_config():
     parser = build_parser()
     for argv, expected in (([], 2), (["--check-sequences", "0"], 0)):
