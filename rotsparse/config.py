@@ -17,9 +17,9 @@ SITES = ("h1", "h2", "h3", "h4")
 METHODS = ("auto", "larosa", "topk")
 """``auto`` (default): loss-weighted (output Fisher) WINA channel scales folded into the weights, a per-layer
 residual basis (identity, one PCA basis shared by all layers or by runs of layers, or the layer's own PCA), a PCA
-rotation of every value head, and K per reader linear per layer, chosen from calibrated Top-K errors in units of loss; the
-residual-basis structure is confirmed by the real loss on held-out calibration sequences (see
-`rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K. ``topk``: Top-K
+rotation of every value head, and K per reader linear (q, k, v, o, gate, up, down) per layer, chosen from
+calibrated Top-K errors in units of loss; the residual-basis structure is confirmed by the real loss on held-out
+calibration sequences (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K. ``topk``: Top-K
 alone (TEAL-style)."""
 
 DEFAULT_SITE_COEFFICIENTS = {

@@ -6,6 +6,8 @@ recorded; K allocated per site (as the library does) and per reader linear (same
 the per-reader K written into the sparsified model's TopKLinears; perplexity gap on the first 4,096 held-out
 tokens as a ratio to the `topk` gap in eval/results/quality_<short>.jsonl.
 Usage: python eval/experiments/split_readers_ppl.py MODEL SPARSITY[,SPARSITY...]
+Ran at commit 1232849, when `auto` allocated K per site; since session 9 `auto` allocates K per reader itself
+(`AutoOptions.per_reader`), so this script's per-site comparison needs `AutoOptions(per_reader=False)` now.
 """
 import copy
 import json
@@ -44,8 +46,8 @@ methods.topk_error_curve = recording_curve
 dense, tokenizer = load_model(model_name)
 ids = calibration_batch(tokenizer, load_texts("embedded", part="calibration"), num_sequences=4, sequence_length=2048)
 config = SparsifyConfig(num_sequences=4, error_tokens=512, check_sequences=0)
-calibrated = calibrate(dense, calibration=ids, config=config, options=AutoOptions(rotations=("identity",)),
-                       progress=False)
+calibrated = calibrate(dense, calibration=ids, config=config,
+                       options=AutoOptions(rotations=("identity",), per_reader=False), progress=False)
 adapter = get_adapter(dense)
 sizes = site_sizes_for(adapter)
 per_layer = len(calls) // len(sizes)
