@@ -34,7 +34,8 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
     config: a full `SparsifyConfig`; otherwise one is built from `sparsity`, `method` and `config_fields`.
     calibrated: the result of `calibrate` on this same (dense) model, to reuse one calibration for
         several sparsities; `calibration` is then ignored.
-    The plan (K per site, effective sparsity, per-layer choices) is attached as ``model.rotsparse_plan``.
+    The plan (K per site and per reader linear, effective sparsity, per-layer choices) is attached as
+    ``model.rotsparse_plan``.
     With ``auto``'s structure check (`methods.AutoOptions.structure_check`), each candidate structure is
     sparsified on a copy of the model (one extra copy in memory at a time) and scored on the held-out check
     sequences; an accelerate-offloaded model skips the check (logged) and takes the error proxy's choice.

@@ -19,8 +19,8 @@ METHODS = ("auto", "larosa", "topk")
 residual basis (identity, one PCA basis shared by all layers or by runs of layers, or the layer's own PCA), a PCA
 rotation of every value head, and K per reader linear (q, k, v, o, gate, up, down) per layer, chosen from
 calibrated Top-K errors in units of loss; the residual-basis structure is confirmed by the real loss on held-out
-calibration sequences (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then Top-K. ``topk``: Top-K
-alone (TEAL-style)."""
+calibration sequences (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then
+Top-K. ``topk``: Top-K alone (TEAL-style)."""
 
 DEFAULT_SITE_COEFFICIENTS = {
     # LaRoSA's release sparsifies h1/h3 less and h2/h4 more than the target.
@@ -124,7 +124,8 @@ class SparsifyConfig:
 
 @dataclass(frozen=True)
 class SparsityPlan:
-    """What calibration decided: K per site per layer, and whether the residual stream is rotated.
+    """What calibration decided: K per site (and per reader linear) per layer, and whether the residual stream
+    is rotated.
 
     keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l (with `reader_keep_k`: its readers'
         parameter-weighted mean, rounded).

@@ -1,8 +1,8 @@
 """Save a sparsified model once; load it anywhere without calibrating.
 
 The directory is an ordinary Hugging Face checkpoint (safetensors + config.json + tokenizer). The plan
-(format version, config, K per site) lives in config.json under ``"rotsparse"``; the residual adapters and
-output rotations are tensors named ``*.rotsparse_output_rotation`` beside the weights.
+(format version, config, K per site and reader linear) lives in config.json under ``"rotsparse"``; the residual
+adapters and output rotations are tensors named ``*.rotsparse_output_rotation`` beside the weights.
 """
 
 from __future__ import annotations
