@@ -96,9 +96,10 @@ def chosen_plan(model) -> dict:
 
 
 def write_artifact(path: Path, calibrated, config: SparsifyConfig, plans: list[dict], command: str,
-                   commit: str) -> None:
+                   commit: str, text: str = "embedded") -> None:
     """The calibration recipe and the per-layer choices of `auto` at every sparsity run, as JSON data."""
-    recipe = {"text": "embedded (pydoc_data.topics), calibration part", "num_sequences": config.num_sequences,
+    text = "embedded (pydoc_data.topics), calibration part" if text == "embedded" else text
+    recipe = {"text": text, "num_sequences": config.num_sequences,
               "sequence_length": config.sequence_length, "tokens": calibrated.tokens,
               "check_sequences": 0 if calibrated.check_input_ids is None else calibrated.check_input_ids.shape[0],
               "error_tokens": config.error_tokens, "loss_sensitivity_sequences": min(4, config.num_sequences),
@@ -124,6 +125,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.6])
     parser.add_argument("--calibration-sequences", type=int, default=16)
     parser.add_argument("--error-tokens", type=int, default=SparsifyConfig.error_tokens)
+    parser.add_argument("--calibration-text", default="embedded",
+                        help="calibration source (`rotsparse.data.load_texts`): default the embedded corpus' "
+                             "calibration part; evaluation is always on its held-out part")
     parser.add_argument("--eval-tokens", type=int, default=None, help="default: the whole held-out part")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reuse-dense", action="store_true",
@@ -151,7 +155,7 @@ def main(argv=None) -> None:
             dense_ppl, eval_tokens = evaluate(dense, tokenizer, eval_texts, args.eval_tokens)
         print(f"{model_name}: dense ppl {dense_ppl:.4f} over {eval_tokens} tokens", flush=True)
         # auto holds the last check_sequences rows out of calibration, for its structure check
-        calibration_ids = calibration_batch(tokenizer, load_texts("embedded", part="calibration"),
+        calibration_ids = calibration_batch(tokenizer, load_texts(args.calibration_text, part="calibration"),
                                             num_sequences=args.calibration_sequences + SparsifyConfig.check_sequences,
                                             sequence_length=2048)
         calibrations = {}
@@ -199,7 +203,8 @@ def main(argv=None) -> None:
                     "calibration_seconds": None if calibrated is None else calibrated.seconds,
                     "error_seconds": None if calibrated is None else calibrated.error_seconds,
                     "calibration_tokens": 0 if calibrated is None else calibrated.tokens,
-                    "error_tokens": args.error_tokens, "eval_tokens": eval_tokens,
+                    "error_tokens": args.error_tokens, "calibration_text": args.calibration_text,
+                    "eval_tokens": eval_tokens,
                     "eval_tokens_requested": args.eval_tokens,
                     "eval_seconds": time.perf_counter() - started, "sparsify_seconds": sparsify_seconds,
                     "residual_bases": list(model.rotsparse_plan.residual_bases),
@@ -213,7 +218,7 @@ def main(argv=None) -> None:
                 del model
             if name == "auto":
                 write_artifact(args.artifacts / model_name / "auto.json", calibrated, base_config, plans, command,
-                               commit)
+                               commit, args.calibration_text)
 
 
 def render(results: Path, markdown: Path) -> None:
