@@ -227,22 +227,25 @@ def render(results: Path, markdown: Path) -> None:
     records = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        records[(r["model"], r["eval_tokens"], r["method"], r["sparsity"], r["calibration_tokens"])] = r
+        r.setdefault("calibration_text", "embedded")  # records written before the option existed
+        records[(r["model"], r["eval_tokens"], r["calibration_text"], r["method"], r["sparsity"],
+                 r["calibration_tokens"])] = r
     lines = ["# Perplexity: sparse methods vs magnitude Top-K", "",
-             "Calibration: embedded corpus, calibration part; evaluation: its held-out part (2048-token windows).",
+             "Calibration text: named per table (`embedded`: the embedded corpus' calibration part); evaluation: the",
+             "embedded corpus' held-out part (2048-token windows).",
              "gap = sparse ppl - dense ppl; ratio = gap / gap of `topk` at the same sparsity (target <= 0.5).",
              "Effective sparsity is parameter-weighted (`SparsityPlan.effective_sparsity`); adapters = extra",
              "multiply-adds of residual adapters / output rotations relative to the dense site linears.", ""]
     groups = {}
     for r in records.values():
-        groups.setdefault((r["model"], r["eval_tokens"]), []).append(r)
-    for (model, eval_tokens), rows in sorted(groups.items()):
+        groups.setdefault((r["model"], r["eval_tokens"], r["calibration_text"]), []).append(r)
+    for (model, eval_tokens, calibration_text), rows in sorted(groups.items()):
         dense = rows[0]["dense_ppl"]
         sparsities = sorted({r["sparsity"] for r in rows})
         topk = {r["sparsity"]: r["ppl_gap"] for r in rows if r["method"] == "topk"}
         calibration_tokens = sorted({r["calibration_tokens"] for r in rows if r["calibration_tokens"]})
         lines += [(f"## {model} (dense ppl {dense:.3f}, {eval_tokens} eval tokens, "
-                   f"calibration tokens {calibration_tokens or '-'})"), "",
+                   f"calibration text {calibration_text}, calibration tokens {calibration_tokens or '-'})"), "",
                   "| method | " + " | ".join(f"{s:.0%}: ppl (gap, ratio)" for s in sparsities)
                   + " | eff. sparsity | adapters | calib. s | commit |",
                   "|---|" + "---|" * len(sparsities) + "---|---|---|---|"]
