@@ -4,7 +4,8 @@
 
 Each model is loaded once and kept dense in memory; every run sparsifies a deep copy. Calibrated methods
 calibrate once per model (timed) and reuse that calibration for every sparsity (``sparsify(calibrated=)``).
-Calibration: the embedded corpus' calibration part; evaluation: its held-out part, 2048-token windows.
+Calibration: the embedded corpus' calibration part (or `--calibration-text`); evaluation: the embedded corpus'
+held-out part, 2048-token windows.
 One JSON record per run is appended to --out, and --markdown is re-rendered from all records in --out.
 
 Methods: the library's (``topk``, ``larosa``, ``auto``) and ablations of ``auto`` (`VARIANTS`), which reuse
