@@ -118,7 +118,7 @@ def test_synthetic_structure_places_residual_adapters_every_g_layers():
     """The bench's stand-in for a rotated model: a d x d adapter after every G-th layer but the last (G = 1:
     after every layer, the worst case), none for topk; the function's weights are untouched."""
     from rotsparse.bench import structural_sparse_copy
-    from rotsparse.topk import ROTATION_BUFFER
+    from rotsparse.runtime import ROTATION_BUFFER
 
     dense = tiny_model("llama", num_layers=5)
     for method, every, expected in (("larosa", 1, [0, 1, 2, 3]), ("larosa", 2, [1, 3]), ("auto", 5, []),
