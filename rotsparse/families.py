@@ -75,6 +75,24 @@ def _module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
+class _View:
+    """A module seen through a `FamilySpec`: attribute ``name`` in `ROLES` is the module at the spec's path for
+    role ``ROLES[name]`` below `root` (None where the spec has no such module)."""
+
+    ROLES: dict[str, str] = {}
+
+    def __init__(self, root: nn.Module, spec: FamilySpec):
+        self.root = root
+        self.spec = spec
+
+    def __getattr__(self, name: str):
+        role = type(self).ROLES.get(name)
+        if role is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute or role {name!r}")
+        path = getattr(self.spec, role)
+        return None if path is None else _module(self.root, path)
+
+
 def _slot(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of a dotted path below `root`."""
     parent, _, name = path.rpartition(".")
@@ -94,58 +112,27 @@ def set_unit_norm(spec: FamilySpec, norm: nn.Module) -> None:
         norm.weight.fill_(0.0 if spec.norm_convention == "plus_one" else 1.0)
 
 
-class Layer:
-    """One decoder layer seen through its family's spec: pre-norms (folded), optional post-norms (kept), the
-    linear projections and the family's RMSNorm convention."""
+class Layer(_View):
+    """One decoder layer seen through its family's spec: pre-norms (folded: attn_input_norm, mlp_input_norm),
+    optional post-norms (kept: attn_output_norm, mlp_output_norm), the linear projections (v_proj, o_proj,
+    up_proj, down_proj; all readers of a site: `site_modules`), the MLP and its activation, and the family's
+    RMSNorm convention."""
+
+    ROLES = {"attn_input_norm": "attn_input_norm", "mlp_input_norm": "mlp_input_norm",
+             "attn_output_norm": "attn_output_norm", "mlp_output_norm": "mlp_output_norm", "v_proj": "v",
+             "o_proj": "o", "up_proj": "up", "down_proj": "down", "mlp": "mlp", "mlp_activation": "mlp_activation"}
 
     def __init__(self, layer: nn.Module, spec: FamilySpec):
+        super().__init__(layer, spec)
         self.layer = layer
-        self.spec = spec
-
-    # modules -------------------------------------------------------------------------------
-    @property
-    def attn_input_norm(self) -> nn.Module:
-        return _module(self.layer, self.spec.attn_input_norm)
-
-    @property
-    def mlp_input_norm(self) -> nn.Module:
-        return _module(self.layer, self.spec.mlp_input_norm)
-
-    @property
-    def attn_output_norm(self) -> nn.Module | None:
-        return _module(self.layer, self.spec.attn_output_norm) if self.spec.attn_output_norm else None
-
-    @property
-    def mlp_output_norm(self) -> nn.Module | None:
-        return _module(self.layer, self.spec.mlp_output_norm) if self.spec.mlp_output_norm else None
 
     @property
     def qkv(self) -> list[nn.Linear]:
         return self.site_modules()["h1"]
 
     @property
-    def v_proj(self) -> nn.Linear:
-        return _module(self.layer, self.spec.v)
-
-    @property
-    def o_proj(self) -> nn.Linear:
-        return _module(self.layer, self.spec.o)
-
-    @property
     def gate_up(self) -> list[nn.Linear]:
         return self.site_modules()["h3"]
-
-    @property
-    def up_proj(self) -> nn.Linear:
-        return _module(self.layer, self.spec.up)
-
-    @property
-    def down_proj(self) -> nn.Linear:
-        return _module(self.layer, self.spec.down)
-
-    @property
-    def mlp(self) -> nn.Module:
-        return _module(self.layer, self.spec.mlp)
 
     def site_linears(self) -> dict[str, list[tuple[nn.Module, str]]]:
         """Site name -> [(parent module, attribute name)] of the linears reading that site's input."""
@@ -166,10 +153,6 @@ class Layer:
         parent, name = _slot(self.layer, self.spec.mlp_activation)
         setattr(parent, name, activation)
 
-    @property
-    def mlp_activation(self) -> nn.Module:
-        return _module(self.layer, self.spec.mlp_activation)
-
     # RMSNorm conventions -------------------------------------------------------------------
     @staticmethod
     def norm_eps(norm: nn.Module) -> float:
@@ -185,38 +168,16 @@ class Layer:
         set_unit_norm(self.spec, norm)
 
 
-class Family:
-    """A causal LM seen through its family's spec: embeddings, decoder layers, final norm and head."""
+class Family(_View):
+    """A causal LM seen through its family's spec: the decoder stack without the head (decoder), embed_tokens,
+    the decoder layers (layers, a ModuleList; `layer_views`), final_norm, lm_head and rotary_embedding."""
+
+    ROLES = {"decoder": "decoder", "embed_tokens": "embed", "final_norm": "final_norm", "lm_head": "lm_head",
+             "layers": "layers", "rotary_embedding": "rotary"}
 
     def __init__(self, model: nn.Module, spec: FamilySpec):
+        super().__init__(model, spec)
         self.model = model
-        self.spec = spec
-
-    @property
-    def decoder(self) -> nn.Module:
-        """The decoder stack (embeddings, layers, final norm) without the head."""
-        return _module(self.model, self.spec.decoder)
-
-    @property
-    def embed_tokens(self) -> nn.Embedding:
-        return _module(self.model, self.spec.embed)
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return _module(self.model, self.spec.final_norm)
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return _module(self.model, self.spec.lm_head)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return _module(self.model, self.spec.layers)
-
-    @property
-    def rotary_embedding(self) -> nn.Module:
-        """The decoder's rotary position embedding (its ``inv_freq`` table)."""
-        return _module(self.model, self.spec.rotary)
 
     def layer(self, module: nn.Module) -> Layer:
         """The `Layer` view of one decoder layer module."""
