@@ -20,7 +20,7 @@ def choose(calibration: Calibration, reader_sizes, sparsity: float, coefficients
            rounds: int = 3) -> tuple[list[int], ReaderKeepK]:
     """Per layer, the candidate rotation index; and K per reader linear per site per layer.
 
-    reader_sizes[l][s][r]: (input width, parameters) of reader linear r of site s (`topk.reader_sizes_of`).
+    reader_sizes[l][s][r]: (input width, parameters) of reader linear r of site s (`plan.reader_sizes_of`).
     First each layer takes the rotation with the smallest h1 + h3 error at uniform K. With error allocation,
     K is then allocated for the chosen rotations at a price per kept weight -- one K per reader linear with
     `AutoOptions.per_reader`, else one per site -- and the rotations are re-chosen for the whole chain of

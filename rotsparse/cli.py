@@ -51,6 +51,8 @@ def _add_dataclass_arguments(group, cls, prefix: str = "") -> None:
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         kwargs = dict(dest=prefix + item.name, default=None,
                       help=f"{metadata.get('help', cls.__name__ + '.' + item.name)} (default: {default})")
+        if "metavar" in metadata:
+            kwargs["metavar"] = metadata["metavar"]
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple) or metadata.get("nargs"):

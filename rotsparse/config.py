@@ -29,6 +29,12 @@ def run_length(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _field(default, help: str, **metadata):
+    """A dataclass field whose `help` (and CLI hints: ``cli`` flag name or None, ``choices``, ``nargs``,
+    ``metavar``) `rotsparse.cli` turns into a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass(frozen=True)
 class AutoOptions:
     """Switches of the calibrated pipeline (the defaults are ``auto``; the others exist for ablations).
@@ -56,14 +62,16 @@ class AutoOptions:
         misses damage to the attention-sink token.
     """
 
-    rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
-    scaling: bool = True
-    allocation: str = "error"
-    loss_weighted: bool = True
-    charge_rotations: bool = True
-    value_rotation: bool = True
-    per_reader: bool = True
-    structure_check: bool = True
+    rotations: tuple[str, ...] = _field(("identity", "global", "pca_sink", "pca_scaled", "run5", "run10"),
+                                        "candidate residual bases per layer", metavar="NAME")
+    scaling: bool = _field(True, "fold WINA column-norm scales")
+    allocation: str = _field("error", "K from calibrated error curves, or uniform by site coefficients",
+                             choices=lambda: ("error", "uniform"))
+    loss_weighted: bool = _field(True, "weigh every linear output by its loss sensitivity")
+    charge_rotations: bool = _field(True, "rotations pay for the weights they add at run time")
+    value_rotation: bool = _field(True, "offer a PCA rotation of every value head per layer")
+    per_reader: bool = _field(True, "one K per reader linear (else one per site)")
+    structure_check: bool = _field(True, "choose the residual-basis structure by the loss on held-out sequences")
 
     def __post_init__(self):
         object.__setattr__(self, "rotations", tuple(self.rotations))
@@ -125,10 +133,6 @@ register_method(Method(
 register_method(Method("topk", description="magnitude Top-K alone on the unchanged model (TEAL-style)"))
 
 
-def _field(default, help: str, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass(frozen=True)
 class SparsifyConfig:
     """Settings of one `rotsparse.sparsify` call (each field's meaning: its ``help`` metadata).
@@ -141,7 +145,8 @@ class SparsifyConfig:
     method: str = _field("auto", "sparsification method", choices=lambda: sorted(METHODS))
     site_coefficients: tuple[float, float, float, float] | None = _field(
         None, "relative sparsity of (h1, h2, h3, h4), rescaled so the weighted mean hits the sparsity; None: the "
-              "method's default (auto: K per site per layer from calibrated errors)", nargs=4, type=float)
+              "method's default (auto: K per site per layer from calibrated errors)", nargs=4, type=float,
+        metavar=("H1", "H2", "H3", "H4"))
     num_sequences: int = _field(16, "calibration sequences")
     sequence_length: int = _field(2048, "calibration sequence length in tokens", cli="--calibration-seqlen")
     check_sequences: int = _field(2, "further calibration sequences held out to choose auto's residual-basis "
@@ -153,7 +158,7 @@ class SparsifyConfig:
     block_size: int = _field(0, "M > 0: block (N:M) Top-K, N = round(K * M / width) of every M consecutive "
                                 "entries; 0: the K largest of the whole token")
     mlp_activation: str | None = _field(None, "None keeps the model's MLP activation; relu2: squared ReLU "
-                                              "(Q-Sparse)", choices=lambda: [None, "relu2"])
+                                              "(Q-Sparse)", choices=lambda: MLP_ACTIVATIONS)
     options: AutoOptions | None = _field(None, "switches of the calibrated pipeline; None: the method's own",
                                          cli=None)
 
