@@ -222,10 +222,13 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
             head_dim = layer.o_proj.in_features // heads
             moments["h2"] = [SecondMoment(head_dim) for _ in range(kv_heads)]
         samples = {site: [] for site in (*SITES, "sink")}
-        current: list = [None, None]
+        current: list = [None, None]  # (sampled positions, token mask) of the sequence running
+
+        def select(row: int, mask: torch.Tensor) -> None:
+            current[:] = [positions[row], mask]
+
         with _site_samples(layer, moments, samples, current):
-            step.outputs = step.run(before_each=lambda row, mask: current.__setitem__(slice(None),
-                                                                                     [positions[row], mask]))
+            step.outputs = step.run(before_each=select)
         tokens = moments["h1"].tokens
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
