@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rotsparse.kernels import build_extension, kernel_backend, topk_gemv
 
 LLAMA2_7B_SHAPES = [  # (name, in, out, count per decoder layer)

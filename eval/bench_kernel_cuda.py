@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rotsparse.kernels import index_gemv, kernel_backend, topk_gemv, topk_indices
 
 LLAMA2_7B_SHAPES = [  # (name, in, out, count per decoder layer)

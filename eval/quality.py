@@ -26,16 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rotsparse.api import calibrate, sparsify
-from rotsparse.config import SITES, SparsifyConfig
-from rotsparse.methods import AutoOptions
-from rotsparse.topk import ROTATION_BUFFER
+from rotsparse import AutoOptions, SparsifyConfig, calibrate, sparsify
+from rotsparse.config import METHODS, SITES
+from rotsparse.runtime import ROTATION_BUFFER
 
 RESULTS = Path(__file__).parent / "results"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "calibration"
-LAROSA_COEFFICIENTS = (0.8, 1.2, 0.8, 1.2)
+LAROSA_COEFFICIENTS = METHODS["larosa"].site_coefficients
 
 # name -> (library method, AutoOptions restricting the auto calibration, explicit site coefficients)
 VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
@@ -166,7 +163,7 @@ def main(argv=None) -> None:
             base_config = SparsifyConfig(method=method, num_sequences=args.calibration_sequences,
                                          error_tokens=args.error_tokens, site_coefficients=coefficients)
             calibrated = None
-            if method != "topk":
+            if METHODS[method].calibrated:
                 # the default candidates, plus any the variant needs (e.g. plain "pca"): its own calibration
                 default = AutoOptions().rotations
                 full = None if options is None else AutoOptions(
@@ -175,7 +172,8 @@ def main(argv=None) -> None:
                     value_rotation=options.loss_weighted or not options.scaling)
                 key = (method, full)
                 if key not in calibrations:
-                    ids = calibration_ids if method == "auto" else calibration_ids[: args.calibration_sequences]
+                    ids = (calibration_ids if METHODS[method].check_held_out
+                           else calibration_ids[: args.calibration_sequences])
                     calibrations[key] = calibrate(dense, calibration=ids, config=base_config, options=full,
                                                   progress=False)
                 calibrated = calibrations[key]
@@ -184,7 +182,7 @@ def main(argv=None) -> None:
             plans = []
             for sparsity in args.sparsities:
                 model = copy.deepcopy(dense)
-                config = SparsifyConfig(**{**base_config.to_dict(), "sparsity": sparsity})
+                config = dataclasses.replace(base_config, sparsity=sparsity)
                 started = time.perf_counter()
                 sparsify(model, config=config, calibrated=calibrated, progress=False)
                 sparsify_seconds = time.perf_counter() - started

@@ -31,13 +31,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import rotsparse  # noqa: E402
-from rotsparse.data import load_texts  # noqa: E402
-from rotsparse.evaluation import perplexity  # noqa: E402
-from rotsparse.models import load_model  # noqa: E402
-from rotsparse.recovery import recover  # noqa: E402
+import rotsparse
+from rotsparse.data import load_texts
+from rotsparse.evaluation import perplexity
+from rotsparse.models import load_model
+from rotsparse.recovery import recover
+from rotsparse.runtime import TopKLinear
 
 
 def main() -> None:
@@ -114,8 +113,6 @@ def main() -> None:
 @torch.no_grad()
 def after_training_checks(model) -> dict:
     """The trained model is still a rotsparse model: layout, save/load, decode kernel == masked path."""
-    from rotsparse.topk import TopKLinear
-
     layout = all(m.weight.t().is_contiguous() for m in model.modules() if isinstance(m, TopKLinear))
     tokens = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     expected = model(tokens).logits

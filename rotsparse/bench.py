@@ -13,6 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from .api import sparsify
+from .budget import allocate_keep_k
+from .config import SparsifyConfig
+from .families import get_family
+from .plan import SparsityPlan, attach_plan, plan_of, site_sizes_for
+from .runtime import ROTATION_BUFFER, TopKLinear, attach_output_rotation, install_topk
 
 SYNTHETIC_SHAPES = {
     # hidden, intermediate, heads, kv heads, vocab, full depth
@@ -25,8 +33,6 @@ SYNTHETIC_SHAPES = {
 
 def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A LlamaForCausalLM with random weights at the real shapes of `name` (see `SYNTHETIC_SHAPES`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if name not in SYNTHETIC_SHAPES:
         raise ValueError(f"unknown synthetic model {name!r}; choose one of {sorted(SYNTHETIC_SHAPES)}")
     shape = dict(SYNTHETIC_SHAPES[name])
@@ -45,8 +51,9 @@ def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype
                 parameter.fill_(1.0)
             else:
                 parameter.normal_(0.0, 0.02)
-        model.model.rotary_emb.inv_freq.copy_(_inv_freq(config))
-        model.model.rotary_emb.original_inv_freq = model.model.rotary_emb.inv_freq.clone()
+        rotary = get_family(model).rotary_embedding
+        rotary.inv_freq.copy_(_inv_freq(config))
+        rotary.original_inv_freq = rotary.inv_freq.clone()
     return model.eval()
 
 
@@ -61,11 +68,10 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
 
     Counts every linear weight and rotation matrix; embeddings count one row per token (negligible).
     """
-    from .topk import ROTATION_BUFFER, TopKLinear
-
+    in_layers_ids = {id(module) for layer in get_family(model).layers for module in layer.modules()}
     layers = head = 0.0
-    for name, module in model.named_modules():
-        in_layers = ".layers." in f".{name}."
+    for module in model.modules():
+        in_layers = id(module) in in_layers_ids
         for buffer_name, buffer in module.named_buffers(recurse=False):
             if buffer_name == ROTATION_BUFFER:
                 layers += buffer.numel() * buffer.element_size()
@@ -81,9 +87,7 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
 
 def _prefilled(model: nn.Module, prompt: torch.Tensor, layers_only: bool):
     """(runner, KV cache) after a prefill of `prompt` (1, p); runner is the decoder stack when `layers_only`."""
-    from transformers import DynamicCache
-
-    runner = model.model if layers_only else model
+    runner = get_family(model).decoder if layers_only else model
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         runner(input_ids=prompt, past_key_values=cache, use_cache=True)
@@ -142,8 +146,6 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
     `structural_sparse_copy` at sparsity 0), a baseline that isolates what sparsity buys from what a
     better GEMV buys.
     """
-    from .io import plan_of
-
     plan = plan_of(sparse)
     vocab = dense.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
@@ -193,36 +195,29 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
 
 def sparse_copy(dense: nn.Module, sparsify_kwargs: dict) -> nn.Module:
     """Sparsify a deep copy of `dense` (the dense model stays untouched for side-by-side timing)."""
-    from .api import sparsify
-
     return sparsify(copy.deepcopy(dense), **sparsify_kwargs)
 
 
-def structural_sparse_copy(dense: nn.Module, config, adapter_every: int = 1) -> nn.Module:
+def structural_sparse_copy(dense: nn.Module, config: SparsifyConfig, adapter_every: int = 1) -> nn.Module:
     """A copy of `dense` with the run-time structure `sparsify(config)` gives, without calibration or folding.
 
-    Top-K linears at the plan's K, and (for rotating methods) a d x d residual adapter after every
+    Top-K linears at the plan's K, and (for calibrated, rotating methods) a d x d residual rotation after every
     `adapter_every`-th layer but the last: 1 is the worst case (a basis per layer), G the structure of
-    ``auto``'s run<G> bases (adapters only between runs of G layers). Values are not rotated: for timing
-    random weights, values do not matter under fixed Top-K.
+    ``auto``'s run<G> bases (residual rotations only between runs of G layers). Values are not rotated: for
+    timing random weights, values do not matter under fixed Top-K.
     """
     if isinstance(adapter_every, bool) or not isinstance(adapter_every, int) or adapter_every < 1:
         raise ValueError(f"adapter_every must be an integer >= 1, got {adapter_every!r}")
-    from .adapters import get_adapter
-    from .api import attach_plan, install_topk, site_sizes_for
-    from .config import SparsityPlan
-    from .topk import allocate_keep_k, attach_output_rotation
-
     model = copy.deepcopy(dense)
-    adapter = get_adapter(model)
-    site_sizes = site_sizes_for(adapter)
+    family = get_family(model)
+    site_sizes = site_sizes_for(family)
     keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
-    rotated = config.method != "topk"
+    rotated = config.spec.calibrated
     plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
     if rotated:
-        width, weight = adapter.hidden_size, adapter.embed_tokens.weight
-        for layer in list(adapter.layers)[adapter_every - 1 : -1 : adapter_every]:
+        width, weight = family.hidden_size, family.embed_tokens.weight
+        for layer in list(family.layers)[adapter_every - 1 : -1 : adapter_every]:
             attach_output_rotation(layer, torch.eye(width, dtype=weight.dtype, device=weight.device))
-    install_topk(adapter, plan)
+    install_topk(family, plan)
     attach_plan(model, plan)
     return model

@@ -2,67 +2,133 @@
 
 MODEL may be an alias of a pip-shipped model (smollm2-135m, gemma3-270m), a hub id, a local directory
 (plain or sparsified), or a .gguf file. DATA may be ``embedded``, a .txt/.jsonl/.parquet file, or a hub
-dataset name such as ``wikitext2``.
+dataset name such as ``wikitext2``. Every subcommand takes the same model, calibration and `SparsifyConfig`
+flags (generated from the config's fields, with their defaults) and --json, -v/-q.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 import time
 
 import torch
 
+from . import __version__
+from .api import sparsify
+from .bench import benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
+from .config import AutoOptions, SparsifyConfig
+from .data import load_texts
+from .evaluation import perplexity, zero_shot
+from .families import get_family
+from .io import save
+from .models import load_model
+from .plan import plan_of
+from .recovery import recover_pretrained
+from .runtime import ROTATION_BUFFER
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_PREFIX = "auto_"
+"""`AutoOptions` fields become --auto-<field> flags (ablations of ``auto``)."""
 
 
-def _add_model_options(parser: argparse.ArgumentParser, sparsity_required: bool = True) -> None:
-    from .config import METHODS
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    parser.add_argument("--model", required=True, help="alias (smollm2-135m, gemma3-270m), hub id, directory or .gguf")
-    parser.add_argument("--sparsity", type=float, required=sparsity_required,
-                        help="parameter-weighted effective sparsity in [0, 1)")
-    parser.add_argument("--method", choices=METHODS, default=None,
-                        help="sparsification method (default: the library default, see SparsifyConfig)")
-    parser.add_argument("--calibration", default="embedded",
-                        help="calibration DATA: 'embedded' (calibration part), a .txt/.jsonl/.parquet file or a hub name")
-    parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences (default 16)")
-    parser.add_argument("--calibration-seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
-    parser.add_argument("--check-sequences", type=int, default=2,
-                        help="further calibration sequences held out to choose auto's residual-basis structure by "
-                             "their real loss (default 2; 0: the error proxy chooses)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+def _add_dataclass_arguments(group, cls, prefix: str = "") -> None:
+    """One flag per field of the frozen dataclass `cls`, its help from the field's ``help`` metadata (or the
+    class docstring) and its default shown; the parsed value is None when the flag is not given, so that the
+    dataclass's own default applies."""
+    for item in dataclasses.fields(cls):
+        metadata = item.metadata
+        if metadata.get("cli", "") is None:
+            continue
+        flag = metadata.get("cli") or _flag(prefix + item.name)
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        kwargs = dict(dest=prefix + item.name, default=None,
+                      help=f"{metadata.get('help', cls.__name__ + '.' + item.name)} (default: {default})")
+        if "metavar" in metadata:
+            kwargs["metavar"] = metadata["metavar"]
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple) or metadata.get("nargs"):
+            kwargs.update(nargs=metadata.get("nargs", "+"), type=metadata.get("type", str))
+        elif "choices" in metadata:
+            choices = metadata["choices"]()
+            kwargs.update(choices=[str(choice) for choice in choices])
+        else:
+            kwargs["type"] = type(default) if default is not None else str
+        group.add_argument(flag, **kwargs)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """The flags every subcommand takes: model, dtype, device, calibration DATA, the `SparsifyConfig` fields,
+    ``auto``'s switches, --json and -v/-q."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="alias (smollm2-135m, gemma3-270m), hub id, directory or .gguf; bench also takes "
+                             "synthetic:llama2-7b / synthetic:llama3-8b (random weights) (default: smollm2-135m)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model dtype (default: float32; bench: bfloat16)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration DATA: 'embedded' (calibration part), a .txt/.jsonl/.parquet file or a hub "
+                             "name (default: embedded; recover: its --data)")
+    _add_dataclass_arguments(parser.add_argument_group("sparsify settings (SparsifyConfig)"), SparsifyConfig)
+    _add_dataclass_arguments(parser.add_argument_group("auto's switches (AutoOptions; ablations)"), AutoOptions,
+                             prefix=AUTO_PREFIX)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+
+
+def config_from_args(args) -> SparsifyConfig:
+    """The `SparsifyConfig` the flags describe (the config's defaults for flags not given)."""
+    fields = {item.name: getattr(args, item.name) for item in dataclasses.fields(SparsifyConfig)
+              if getattr(args, item.name, None) is not None}
+    if fields.get("mlp_activation") == "None":
+        fields["mlp_activation"] = None
+    if "site_coefficients" in fields:
+        fields["site_coefficients"] = tuple(fields["site_coefficients"])
+    options = {item.name: getattr(args, AUTO_PREFIX + item.name) for item in dataclasses.fields(AutoOptions)
+               if getattr(args, AUTO_PREFIX + item.name, None) is not None}
+    if options:
+        fields["options"] = AutoOptions(**options)
+    return SparsifyConfig(**fields)
 
 
 def _sparsify_settings(args) -> dict:
-    settings = dict(sparsity=args.sparsity, calibration=args.calibration, num_sequences=args.num_sequences,
-                    sequence_length=args.calibration_seqlen, check_sequences=args.check_sequences)
-    if args.method is not None:
-        settings["method"] = args.method
-    return settings
+    """Keyword arguments of `sparsify` from the flags: the config's fields given, and the calibration DATA."""
+    config = config_from_args(args)
+    defaults = SparsifyConfig()
+    settings = {item.name: getattr(config, item.name) for item in dataclasses.fields(SparsifyConfig)
+                if getattr(config, item.name) != getattr(defaults, item.name)}
+    return settings | {"calibration": args.calibration or "embedded"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotsparse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rotsparse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="the main job on the embedded default: SmolLM2-135M at 40%%, "
-                                          "perplexity gap and decode speed-up, offline")
-    run.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m)")
-    run.add_argument("--sparsity", type=float, default=0.4, help="effective sparsity (default 0.4)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        _add_common_options(sub)
+        return sub
+
+    run = command("run", "the main job on the embedded default: SmolLM2-135M at 40%%, perplexity gap and decode "
+                         "speed-up, offline")
     run.add_argument("--max-tokens", type=int, default=None, help="cap on evaluation tokens (default: all held-out text)")
     run.add_argument("--bench-tokens", type=int, default=32, help="decode steps per timing repeat (default 32)")
-    run.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
-    sparsify = commands.add_parser("sparsify", help="sparsify a model and save it to a directory")
-    _add_model_options(sparsify)
-    sparsify.add_argument("--out", required=True, help="output directory (weights, tokenizer, rotsparse plan)")
+    sparsify_parser = command("sparsify", "sparsify a model and save it to a directory")
+    sparsify_parser.add_argument("--out", required=True, help="output directory (weights, tokenizer, rotsparse plan)")
 
-    evaluate = commands.add_parser("eval", help="dense and sparse perplexity, gap, effective sparsity")
-    _add_model_options(evaluate, sparsity_required=False)
+    evaluate = command("eval", "dense and sparse perplexity, gap, effective sparsity")
     evaluate.add_argument("--data", default="embedded", help="evaluation DATA (default: embedded held-out part)")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="evaluation window in tokens (default 2048)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="use only the first N evaluation tokens")
@@ -70,28 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated lm-eval tasks for zero-shot accuracy (needs lm_eval)")
     evaluate.add_argument("--tasks-include-path", default=None, help="directory of extra lm-eval task YAMLs")
     evaluate.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
-    bench = commands.add_parser("bench", help="batch-1 decode latency, dense vs sparse, interleaved in one run")
-    bench.add_argument("--model", required=True,
-                       help="any MODEL eval takes, or synthetic:llama2-7b / synthetic:llama3-8b (random weights)")
-    bench.add_argument("--layers", type=int, default=None, help="keep only N decoder layers (synthetic models)")
+    bench = command("bench", "batch-1 decode latency, dense vs sparse, interleaved in one run")
+    bench.add_argument("--layers", type=int, default=None, help="keep only N decoder layers")
     bench.add_argument("--adapter-every", type=int, default=None,
-                       help="synthetic models, rotating methods: a residual adapter after every G-th layer (default 1, "
-                            "the worst case; G = the structure of auto's run<G> bases)")
-    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="weights dtype")
-    bench.add_argument("--sparsity", type=float, required=True, help="effective sparsity in [0, 1)")
-    bench.add_argument("--method", default=None, help="sparsification method (default: library default)")
+                       help="synthetic models, rotating methods: a residual rotation after every G-th layer "
+                            "(default 1, the worst case; G = the structure of auto's run<G> bases)")
     bench.add_argument("--tokens", type=int, default=64, help="decode steps per repeat (default 64)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported (default 5)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    bench.add_argument("--device", default="cpu", help="where both models run, e.g. cpu or cuda (default cpu)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
-    recover = commands.add_parser("recover", help="Q-Sparse recovery training of a sparsified model")
-    recover.add_argument("--model", required=True, help="alias, hub id, directory or .gguf of the dense model")
-    recover.add_argument("--sparsity", type=float, required=True, help="effective sparsity in [0, 1)")
-    recover.add_argument("--method", default=None, help="sparsification method (default: library default)")
+    recover = command("recover", "Q-Sparse recovery training of a sparsified model")
     recover.add_argument("--steps", type=int, required=True, help="optimizer steps")
     recover.add_argument("--data", default="embedded",
                          help="DATA to calibrate and train on (default: embedded calibration part)")
@@ -102,21 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    from .models import load_model
-
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+def _load(args, default_dtype: str = "float32"):
+    return load_model(args.model, dtype=DTYPES[args.dtype or default_dtype], device=args.device)
 
 
 def evaluate_command(args) -> dict:
     """Dense and sparse perplexity of MODEL on DATA; the same numbers as the Python API gives."""
-    from .api import sparsify
-    from .data import load_texts
-    from .evaluation import perplexity
-
     model, tokenizer = _load(args)
     texts = load_texts(args.data, part="evaluation")
     record = {"model": args.model, "data": args.data, "seqlen": args.seqlen}
+    progress = not args.quiet
     if hasattr(model, "rotsparse_plan"):
         if args.sparsity is not None:
             raise SystemExit("error: --model is already sparsified; drop --sparsity")
@@ -124,10 +174,12 @@ def evaluate_command(args) -> dict:
     else:
         if args.sparsity is None:
             raise SystemExit("error: --sparsity is required for a dense model")
-        dense_ppl = perplexity(model, tokenizer, texts, seqlen=args.seqlen, max_tokens=args.max_tokens)
-        sparse = sparsify(model, tokenizer, **_sparsify_settings(args))
-    sparse_ppl = perplexity(sparse, tokenizer, texts, seqlen=args.seqlen, max_tokens=args.max_tokens)
-    plan = sparse.rotsparse_plan
+        dense_ppl = perplexity(model, tokenizer, texts, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                               progress=progress)
+        sparse = sparsify(model, tokenizer, progress=progress, **_sparsify_settings(args))
+    sparse_ppl = perplexity(sparse, tokenizer, texts, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                            progress=progress)
+    plan = plan_of(sparse)
     record.update(
         method=plan.config.method, sparsity=plan.config.sparsity, effective_sparsity=plan.effective_sparsity,
         dense_ppl=None if dense_ppl is None else dense_ppl.ppl, sparse_ppl=sparse_ppl.ppl,
@@ -135,11 +187,76 @@ def evaluate_command(args) -> dict:
         eval_tokens=sparse_ppl.tokens, calibration_tokens=plan.calibration_tokens,
     )
     if args.tasks:
-        from .evaluation import zero_shot
-
         record["zero_shot"] = zero_shot(sparse, tokenizer, args.tasks.split(","), limit=args.limit,
                                         include_path=args.tasks_include_path)
     return record
+
+
+def run_command(args) -> dict:
+    """The main job: calibrate, sparsify, perplexity gap on held-out text, decode speed-up — one run."""
+    start = time.perf_counter()
+    progress = not args.quiet
+    dense, tokenizer = _load(args)
+    texts = load_texts("embedded", part="evaluation")
+    dense_ppl = perplexity(dense, tokenizer, texts, max_tokens=args.max_tokens, progress=progress)
+    sparse = sparse_copy(dense, {"tokenizer": tokenizer, "progress": progress, **_sparsify_settings(args)})
+    sparse_ppl = perplexity(sparse, tokenizer, texts, max_tokens=args.max_tokens, progress=progress)
+    speed = benchmark_decode(dense, sparse, tokens=args.bench_tokens, repeats=3)
+    plan = plan_of(sparse)
+    return {
+        "model": args.model, "method": plan.config.method, "sparsity": plan.config.sparsity,
+        "effective_sparsity": plan.effective_sparsity, "dense_ppl": dense_ppl.ppl, "sparse_ppl": sparse_ppl.ppl,
+        "ppl_gap": sparse_ppl.ppl - dense_ppl.ppl, "eval_tokens": sparse_ppl.tokens,
+        "calibration_tokens": plan.calibration_tokens,
+        "dense_ms_per_token": speed.dense_ms_per_token, "sparse_ms_per_token": speed.sparse_ms_per_token,
+        "decode_speedup": speed.speedup, "bytes_limit_speedup": speed.bytes_limit_speedup,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def sparsify_command(args) -> dict:
+    model, tokenizer = _load(args)
+    sparsify(model, tokenizer, progress=not args.quiet, **_sparsify_settings(args))
+    save(model, args.out, tokenizer)
+    plan = plan_of(model)
+    return {"model": args.model, "out": args.out, "method": plan.config.method,
+            "effective_sparsity": plan.effective_sparsity}
+
+
+def bench_command(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    if args.model.startswith("synthetic:"):
+        dense = synthetic_model(args.model.removeprefix("synthetic:"), num_layers=args.layers,
+                                dtype=DTYPES[args.dtype or "bfloat16"])
+        dense.to(args.device)
+        sparse = structural_sparse_copy(dense, config, adapter_every=args.adapter_every or 1)
+    else:
+        if args.adapter_every is not None:
+            raise ValueError("--adapter-every applies to synthetic models; a real model's residual rotations come "
+                             "from its calibration")
+        dense, tokenizer = _load(args, default_dtype="bfloat16")
+        if args.layers is not None:
+            get_family(dense).keep_layers(args.layers)
+        sparse = sparse_copy(dense, {"tokenizer": tokenizer, "progress": not args.quiet, **_sparsify_settings(args)})
+    kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
+    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense)
+    family = get_family(sparse)
+    rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
+    return {"model": args.model, "layers": len(family.layers), "residual_adapters": rotations, **result.to_dict()}
+
+
+def recover_command(args) -> dict:
+    options = {key: value for key, value in
+               (("lr", args.lr), ("seqlen", args.seqlen), ("batch_size", args.batch_size)) if value is not None}
+    result = recover_pretrained(args.model, config_from_args(args), args.steps, args.out, data=args.data,
+                                calibration=args.calibration, progress=not args.quiet, **options)
+    return {"model": args.model, "out": args.out, "steps": args.steps, "final_loss": result.final_loss}
+
+
+COMMANDS = {"run": run_command, "sparsify": sparsify_command, "eval": evaluate_command, "bench": bench_command,
+            "recover": recover_command}
 
 
 def _print_record(record: dict, as_json: bool) -> None:
@@ -152,98 +269,21 @@ def _print_record(record: dict, as_json: bool) -> None:
         print(json.dumps(record))
 
 
-def run_command(args) -> dict:
-    """The main job: calibrate, sparsify, perplexity gap on held-out text, decode speed-up — one run."""
-    from .bench import benchmark_decode, sparse_copy
-    from .data import load_texts
-    from .evaluation import perplexity
-    from .models import load_model
-
-    start = time.perf_counter()
-    dense, tokenizer = load_model(args.model)
-    texts = load_texts("embedded", part="evaluation")
-    dense_ppl = perplexity(dense, tokenizer, texts, max_tokens=args.max_tokens)
-    sparse = sparse_copy(dense, {"tokenizer": tokenizer, "sparsity": args.sparsity})
-    sparse_ppl = perplexity(sparse, tokenizer, texts, max_tokens=args.max_tokens)
-    speed = benchmark_decode(dense, sparse, tokens=args.bench_tokens, repeats=3)
-    plan = sparse.rotsparse_plan
-    return {
-        "model": args.model, "method": plan.config.method, "sparsity": args.sparsity,
-        "effective_sparsity": plan.effective_sparsity, "dense_ppl": dense_ppl.ppl, "sparse_ppl": sparse_ppl.ppl,
-        "ppl_gap": sparse_ppl.ppl - dense_ppl.ppl, "eval_tokens": sparse_ppl.tokens,
-        "calibration_tokens": plan.calibration_tokens,
-        "dense_ms_per_token": speed.dense_ms_per_token, "sparse_ms_per_token": speed.sparse_ms_per_token,
-        "decode_speedup": speed.speedup, "bytes_limit_speedup": speed.bytes_limit_speedup,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def sparsify_command(args) -> dict:
-    from .api import sparsify
-    from .io import save
-
-    model, tokenizer = _load(args)
-    sparsify(model, tokenizer, **_sparsify_settings(args))
-    save(model, args.out, tokenizer)
-    plan = model.rotsparse_plan
-    return {"model": args.model, "out": args.out, "method": plan.config.method,
-            "effective_sparsity": plan.effective_sparsity}
-
-
-def bench_command(args) -> dict:
-    from .adapters import get_adapter
-    from .bench import benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
-    from .config import SparsifyConfig
-    from .topk import ROTATION_BUFFER
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    settings = {"sparsity": args.sparsity} | ({"method": args.method} if args.method else {})
-    if args.model.startswith("synthetic:"):
-        dense = synthetic_model(args.model.removeprefix("synthetic:"), num_layers=args.layers, dtype=dtype)
-        dense.to(args.device)
-        sparse = structural_sparse_copy(dense, SparsifyConfig(**settings), adapter_every=args.adapter_every or 1)
-    else:
-        if args.adapter_every is not None:
-            raise ValueError("--adapter-every applies to synthetic models; a real model's adapters come from its "
-                             "calibration")
-        from .models import load_model
-
-        dense, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
-        if args.layers is not None:
-            del dense.model.layers[args.layers:]
-            dense.config.num_hidden_layers = args.layers
-        sparse = sparse_copy(dense, {"tokenizer": tokenizer, **settings})
-    kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
-    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense)
-    adapters = sum(hasattr(layer, ROTATION_BUFFER) for layer in get_adapter(sparse).layers)
-    return {"model": args.model, "layers": len(dense.model.layers), "residual_adapters": adapters,
-            **result.to_dict()}
-
-
-def recover_command(args) -> dict:
-    from .recovery import recover_pretrained
-
-    options = {key: value for key, value in
-               (("lr", args.lr), ("seqlen", args.seqlen), ("batch_size", args.batch_size)) if value is not None}
-    result = recover_pretrained(args.model, args.sparsity, args.steps, args.out, data=args.data, method=args.method,
-                                **options)
-    return {"model": args.model, "out": args.out, "steps": args.steps, "final_loss": result.final_loss}
-
-
-COMMANDS = {"run": run_command, "sparsify": sparsify_command, "eval": evaluate_command, "bench": bench_command,
-            "recover": recover_command}
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rotsparse").setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
     try:
         record = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError, FloatingPointError) as error:
         print(f"rotsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
-    _print_record(record, getattr(args, "json", False))
+    _print_record(record, args.json)
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The user's request (`SparsifyConfig`) and what calibration decided from it (`SparsityPlan`).
+"""What the user asks for: `SparsifyConfig`, the methods it names (`METHODS`) and the ``auto`` pipeline's
+switches (`AutoOptions`).
 
-Both are small, frozen and JSON-serializable; the plan (with its config) is saved in the model's config.json
-under ``"rotsparse"``.
+All are small, frozen and JSON-serializable; the config (with its resolved options) is saved with the plan in
+the model's config.json under ``"rotsparse"``.
 """
 
 from __future__ import annotations
@@ -9,67 +10,157 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 
 SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
-METHODS = ("auto", "larosa", "topk")
-"""``auto`` (default): loss-weighted (output Fisher) WINA channel scales folded into the weights, a per-layer
-residual basis (identity, one PCA basis shared by all layers or by runs of layers, or the layer's own PCA), a PCA
-rotation of every value head, and K per reader linear (q, k, v, o, gate, up, down) per layer, chosen from
-calibrated Top-K errors in units of loss; the residual-basis structure is confirmed by the real loss on held-out
-calibration sequences (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then
-Top-K. ``topk``: Top-K alone (TEAL-style)."""
-
-DEFAULT_SITE_COEFFICIENTS = {
-    # LaRoSA's release sparsifies h1/h3 less and h2/h4 more than the target.
-    "larosa": (0.8, 1.2, 0.8, 1.2),
-    "topk": (1.0, 1.0, 1.0, 1.0),
-    # auto allocates K from calibrated errors; these only serve as the reference for choosing rotations.
-    "auto": (1.0, 1.0, 1.0, 1.0),
-}
+ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
+"""Residual-basis candidates (`AutoOptions.rotations`); "run<G>" stands for any run length G >= 2, e.g. "run5"."""
 
 MLP_ACTIVATIONS = (None, "relu2")
 """``mlp_activation`` choices: None keeps the model's own; ``relu2`` is squared ReLU (Q-Sparse, from scratch)."""
 
-FORMAT_VERSION = 1
+
+def run_length(name: str) -> int | None:
+    """G of a "run<G>" candidate name (one basis per run of G consecutive layers), else None."""
+    match = re.fullmatch(r"run(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _field(default, help: str, **metadata):
+    """A dataclass field whose `help` (and CLI hints: ``cli`` flag name or None, ``choices``, ``nargs``,
+    ``metavar``) `rotsparse.cli` turns into a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """Switches of the calibrated pipeline (the defaults are ``auto``; the others exist for ablations).
+
+    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES`: "identity", "global" (one basis
+        for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
+        normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
+        sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
+        output), "run<G>" (one basis per run of G consecutive layers: `pca_sink` of the run's summed moments,
+        so residual rotations sit only between runs). scaling: fold WINA column-norm scales.
+    allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
+    charge_rotations: with error allocation, rotations pay for the weights they add at run time (residual
+        rotations where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
+    loss_weighted: weigh every linear output by its loss sensitivity (`loss_sensitivity`), in the WINA scales
+        and in the errors, which are then absolute (comparable across sites and layers); else relative.
+    value_rotation: offer, per layer, a rotation of every value head (PCA of its attention outputs) folded into
+        v_proj's rows and o_proj's columns: free at run time; taken where its h2 error at the allocated K is
+        lower. Needs loss-weighted errors when scaling (relative h1 errors would depend on that choice).
+    per_reader: with error allocation, one K per reader linear (q, k, v; gate, up: each selects its own Top-K
+        of the shared input, free at run time) instead of one per site.
+    structure_check: with "run<G>" candidates, choose the residual-basis structure -- per layer among all
+        candidates by the error proxy, or each run<G> basis with the identity alone -- by the real next-token
+        loss of each sparsified candidate model on calibration sequences held out from calibration
+        (`Calibration.structures`; `SparsifyConfig.check_sequences`). The proxy alone misranks them: it
+        misses damage to the attention-sink token.
+    """
+
+    rotations: tuple[str, ...] = _field(("identity", "global", "pca_sink", "pca_scaled", "run5", "run10"),
+                                        "candidate residual bases per layer", metavar="NAME")
+    scaling: bool = _field(True, "fold WINA column-norm scales")
+    allocation: str = _field("error", "K from calibrated error curves, or uniform by site coefficients",
+                             choices=lambda: ("error", "uniform"))
+    loss_weighted: bool = _field(True, "weigh every linear output by its loss sensitivity")
+    charge_rotations: bool = _field(True, "rotations pay for the weights they add at run time")
+    value_rotation: bool = _field(True, "offer a PCA rotation of every value head per layer")
+    per_reader: bool = _field(True, "one K per reader linear (else one per site)")
+    structure_check: bool = _field(True, "choose the residual-basis structure by the loss on held-out sequences")
+
+    def __post_init__(self):
+        object.__setattr__(self, "rotations", tuple(self.rotations))
+        unknown = [name for name in self.rotations
+                   if name not in ROTATION_CANDIDATES[:-1] and (run_length(name) or 0) < 2]
+        if unknown or not self.rotations or len(set(self.rotations)) != len(self.rotations):
+            raise ValueError(f"rotation candidates must be distinct names from {ROTATION_CANDIDATES} (G >= 2), got "
+                             f"{self.rotations}")
+        if self.allocation not in ("error", "uniform"):
+            raise ValueError(f"allocation must be 'error' or 'uniform', got {self.allocation!r}")
+        if self.value_rotation and self.scaling and not self.loss_weighted:
+            raise ValueError("value_rotation with scaling needs loss_weighted=True (or pass value_rotation=False)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One sparsification method: a `METHODS` entry.
+
+    site_coefficients: default relative sparsity of (h1, h2, h3, h4) (`SparsifyConfig.site_coefficients`).
+    options: the calibrated pipeline's switches; None: no calibration (plain Top-K on the unchanged model).
+    tunable: `SparsifyConfig.options` may replace `options` (else they are fixed).
+    check_held_out: text calibration reads `SparsifyConfig.check_sequences` extra sequences, held out from
+        every statistic, for `AutoOptions.structure_check`.
+    """
+
+    name: str
+    site_coefficients: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    options: AutoOptions | None = None
+    tunable: bool = False
+    check_held_out: bool = False
+    description: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        return self.options is not None
+
+
+METHODS: dict[str, Method] = {}
+"""Method name -> `Method`; ``SparsifyConfig(method=name)`` selects one. Add entries with `register_method`."""
+
+
+def register_method(method: Method) -> Method:
+    """Make `method` selectable by its name (replacing an entry of the same name); returns it."""
+    METHODS[method.name] = method
+    return method
+
+
+register_method(Method(
+    "auto", options=AutoOptions(), tunable=True, check_held_out=True,
+    description="loss-weighted WINA channel scales, a residual basis per layer (identity, shared or PCA), "
+                "value-head rotations and K per reader linear from calibrated Top-K errors in units of loss; "
+                "the residual-basis structure confirmed by the real loss on held-out calibration sequences "
+                "(`rotsparse.measure`, `rotsparse.choose`)"))
+register_method(Method(
+    "larosa", site_coefficients=(0.8, 1.2, 0.8, 1.2),  # LaRoSA's release: h1/h3 less sparse, h2/h4 more
+    options=AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False,
+                        value_rotation=False),
+    description="layerwise PCA rotations folded into the weights, then Top-K at fixed site coefficients"))
+register_method(Method("topk", description="magnitude Top-K alone on the unchanged model (TEAL-style)"))
 
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """Settings of one `rotsparse.sparsify` call.
+    """Settings of one `rotsparse.sparsify` call (each field's meaning: its ``help`` metadata).
 
-    sparsity: requested parameter-weighted effective sparsity in [0, 1).
-    method: one of `METHODS`.
-    site_coefficients: relative sparsity of (h1, h2, h3, h4); rescaled so the weighted mean hits `sparsity`.
-        None picks the method's default (`DEFAULT_SITE_COEFFICIENTS`); for ``auto``, None allocates K per
-        site per layer from calibrated errors and explicit coefficients override that.
-    num_sequences, sequence_length: calibration size (tokens = product).
-    check_sequences: further calibration sequences of the same length, held out from every statistic, on
-        which ``auto`` compares the real loss of its candidate residual-basis structures
-        (`rotsparse.methods.AutoOptions.structure_check`); 0 leaves the choice to the error proxy.
-    seed: seeds anything random in calibration.
-    error_tokens: calibration tokens sampled per layer to measure Top-K output errors (``auto``).
-    l2_rescale: after Top-K, rescale each token's kept vector to the L2 norm of the full vector (Q-Sparse).
-    block_size: M > 0 selects block (N:M) Top-K: keep N = round(K * M / width) of every M consecutive
-        entries (Block Q-Sparse, for batch kernels); 0 keeps the K largest of the whole token.
-    mlp_activation: None keeps the model's MLP activation; "relu2" swaps in squared ReLU,
-        ReLU(x W_gate)^2 * (x W_up) (Q-Sparse, for models trained from scratch).
-    These three change the forward pass and are applied by `rotsparse.topk.apply_topk_options`.
+    `l2_rescale`, `block_size` and `mlp_activation` change the forward pass and are applied by
+    `rotsparse.runtime.apply_topk_options`. `options` None means the method's own (`Method.options`).
     """
 
-    sparsity: float = 0.4
-    method: str = "auto"
-    site_coefficients: tuple[float, float, float, float] | None = None
-    num_sequences: int = 16
-    sequence_length: int = 2048
-    check_sequences: int = 2
-    seed: int = 0
-    error_tokens: int = 512
-    l2_rescale: bool = False
-    block_size: int = 0
-    mlp_activation: str | None = None
+    sparsity: float = _field(0.4, "requested parameter-weighted effective sparsity in [0, 1)")
+    method: str = _field("auto", "sparsification method", choices=lambda: sorted(METHODS))
+    site_coefficients: tuple[float, float, float, float] | None = _field(
+        None, "relative sparsity of (h1, h2, h3, h4), rescaled so the weighted mean hits the sparsity; None: the "
+              "method's default (auto: K per site per layer from calibrated errors)", nargs=4, type=float,
+        metavar=("H1", "H2", "H3", "H4"))
+    num_sequences: int = _field(16, "calibration sequences")
+    sequence_length: int = _field(2048, "calibration sequence length in tokens", cli="--calibration-seqlen")
+    check_sequences: int = _field(2, "further calibration sequences held out to choose auto's residual-basis "
+                                     "structure by their real loss (0: the error proxy chooses)")
+    seed: int = _field(0, "seed of anything random in calibration")
+    error_tokens: int = _field(512, "calibration tokens sampled per layer to measure Top-K output errors (auto)")
+    l2_rescale: bool = _field(False, "after Top-K, rescale each token's kept vector to the full vector's L2 norm "
+                                     "(Q-Sparse)")
+    block_size: int = _field(0, "M > 0: block (N:M) Top-K, N = round(K * M / width) of every M consecutive "
+                                "entries; 0: the K largest of the whole token")
+    mlp_activation: str | None = _field(None, "None keeps the model's MLP activation; relu2: squared ReLU "
+                                              "(Q-Sparse)", choices=lambda: MLP_ACTIVATIONS)
+    options: AutoOptions | None = _field(None, "switches of the calibrated pipeline; None: the method's own",
+                                         cli=None)
 
     def __post_init__(self):
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity):
@@ -77,7 +168,7 @@ class SparsifyConfig:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+            raise ValueError(f"unknown method {self.method!r}; choose one of {tuple(METHODS)}")
         if self.site_coefficients is not None:
             coefficients = tuple(float(c) for c in self.site_coefficients)
             if len(coefficients) != len(SITES) or any(c < 0 or not math.isfinite(c) for c in coefficients):
@@ -87,160 +178,59 @@ class SparsifyConfig:
             object.__setattr__(self, "site_coefficients", coefficients)
         if self.num_sequences < 1 or self.sequence_length < 1:
             raise ValueError("num_sequences and sequence_length must be >= 1")
-        check = self.check_sequences
-        if isinstance(check, bool) or not isinstance(check, int) or check < 0:
-            raise ValueError(f"check_sequences must be an integer >= 0, got {self.check_sequences!r}")
-        if isinstance(self.error_tokens, bool) or not isinstance(self.error_tokens, int) or self.error_tokens < 1:
-            raise ValueError(f"error_tokens must be an integer >= 1, got {self.error_tokens!r}")
+        for name, low in (("check_sequences", 0), ("error_tokens", 1), ("block_size", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.l2_rescale, bool):
             raise ValueError(f"l2_rescale must be True or False, got {self.l2_rescale!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
-            raise ValueError(f"block_size must be an integer >= 0 (0: unstructured Top-K), got {self.block_size!r}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; choose one of {MLP_ACTIVATIONS}")
+        self._normalize_options()
+
+    def _normalize_options(self) -> None:
+        """`options` as an `AutoOptions` (from a dict too), None when they are the method's own."""
+        options, method = self.options, METHODS[self.method]
+        if isinstance(options, dict):
+            options = AutoOptions(**options)
+        if options is not None and not isinstance(options, AutoOptions):
+            raise ValueError(f"options must be AutoOptions, a dict of its fields or None, got {options!r}")
+        if options == method.options:
+            options = None
+        if options is not None and not method.tunable:
+            raise ValueError(f"method {self.method!r} has fixed options; {options} would change it")
+        object.__setattr__(self, "options", options)
+
+    @property
+    def spec(self) -> Method:
+        """The `METHODS` entry of `method`."""
+        return METHODS[self.method]
+
+    @property
+    def resolved_options(self) -> AutoOptions | None:
+        """The calibrated pipeline's switches in effect (None: the method does not calibrate)."""
+        return self.options or self.spec.options
 
     @property
     def coefficients(self) -> tuple[float, float, float, float]:
         """The per-site coefficients in effect (explicit or the method's default)."""
-        return self.site_coefficients or DEFAULT_SITE_COEFFICIENTS[self.method]
+        return self.site_coefficients or self.spec.site_coefficients
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields; `options` resolved (the method's own when None), so a saved plan records them."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        options = self.resolved_options
+        data["options"] = None if options is None else dataclasses.asdict(options)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "SparsifyConfig":
+        """Inverse of `to_dict`; dicts without ``options`` (older plans) take the method's own."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown SparsifyConfig fields {sorted(unknown)}")
-        data = dict(data)
-        if data.get("site_coefficients") is not None:
-            data["site_coefficients"] = tuple(data["site_coefficients"])
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class SparsityPlan:
-    """What calibration decided: K per site (and per reader linear) per layer, and whether the residual stream
-    is rotated.
-
-    keep_k[l][s]: entries kept per token at site `SITES[s]` of layer l (with `reader_keep_k`: its readers'
-        parameter-weighted mean, rounded).
-    site_sizes[l][s]: (input width, parameters fed) of that site, for effective-sparsity accounting.
-    rotated: True when layerwise rotations were folded into the weights.
-    calibration_tokens: tokens the statistics were computed on (0 when none were needed).
-    residual_bases[l]: the residual-basis candidate layer l took ("identity", "global", "run5", ...); empty
-        for methods without calibration.
-    value_rotated[l]: whether layer l's value heads were rotated; empty without calibration.
-    check_losses: (structure label, next-token loss on the held-out check sequences) per candidate structure
-        compared (`rotsparse.methods.AutoOptions.structure_check`), the chosen one lowest; empty if none were.
-    reader_keep_k[l][s][r], reader_params[l][s][r]: K and parameters of every reader linear r of a site (h1: q,
-        k, v; h3: gate, up), when each selects its own K (``auto``, `rotsparse.methods.AutoOptions.per_reader`);
-        empty: every reader of a site keeps `keep_k`. Build such a plan with `from_readers`.
-    """
-
-    keep_k: tuple[tuple[int, ...], ...]
-    site_sizes: tuple[tuple[tuple[int, int], ...], ...]
-    rotated: bool
-    config: SparsifyConfig = field(default_factory=SparsifyConfig)
-    calibration_tokens: int = 0
-    residual_bases: tuple[str, ...] = ()
-    value_rotated: tuple[bool, ...] = ()
-    check_losses: tuple[tuple[str, float], ...] = ()
-    reader_keep_k: tuple[tuple[tuple[int, ...], ...], ...] = ()
-    reader_params: tuple[tuple[tuple[int, ...], ...], ...] = ()
-
-    def __post_init__(self):
-        shape = [len(layer) for layer in self.keep_k]
-        if shape != [len(layer) for layer in self.site_sizes]:
-            raise ValueError(f"keep_k has {shape} sites per layer, site_sizes {[len(l) for l in self.site_sizes]}")
-        if not self.reader_keep_k and not self.reader_params:
-            return
-        reader_shape = [[len(site) for site in layer] for layer in self.reader_keep_k]
-        if reader_shape != [[len(site) for site in layer] for layer in self.reader_params]:
-            raise ValueError("reader_keep_k and reader_params differ in shape")
-        for index, (layer_k, layer_params, layer_sizes) in enumerate(
-                zip(self.reader_keep_k, self.reader_params, self.site_sizes, strict=True)):
-            for site_k, site_params, (width, params) in zip(layer_k, layer_params, layer_sizes, strict=True):
-                if sum(site_params) != params or not all(0 <= k <= width for k in site_k):
-                    raise ValueError(f"layer {index}: reader K {site_k} / parameters {site_params} do not fit the "
-                                     f"site (width {width}, {params} parameters)")
-
-    @classmethod
-    def from_readers(cls, reader_keep_k, reader_sizes, **fields) -> "SparsityPlan":
-        """A plan from K per reader linear (`reader_keep_k[l][s][r]`) and the readers' (width, parameters)
-        (`reader_sizes[l][s][r]`); `keep_k` and `site_sizes` are derived."""
-        reader_params = tuple(tuple(tuple(params for _, params in site) for site in layer) for layer in reader_sizes)
-        site_sizes = tuple(tuple((site[0][0], sum(params)) for site, params in zip(layer, layer_params))
-                           for layer, layer_params in zip(reader_sizes, reader_params))
-        keep_k = tuple(tuple(int(round(sum(k * p for k, p in zip(site_k, params)) / sum(params)))
-                             for site_k, params in zip(layer_k, layer_params))
-                       for layer_k, layer_params in zip(reader_keep_k, reader_params))
-        reader_keep_k = tuple(tuple(tuple(int(k) for k in site) for site in layer) for layer in reader_keep_k)
-        return cls(keep_k=keep_k, site_sizes=site_sizes, reader_keep_k=reader_keep_k, reader_params=reader_params,
-                   **fields)
-
-    def site_reader_keep_k(self, layer: int, site: int, readers: int) -> tuple[int, ...]:
-        """K of each of the `readers` reader linears of site `site` of layer `layer`."""
-        if not self.reader_keep_k:
-            return (self.keep_k[layer][site],) * readers
-        site_k = self.reader_keep_k[layer][site]
-        if len(site_k) != readers:
-            raise ValueError(f"layer {layer} site {SITES[site]}: the plan has K for {len(site_k)} reader linears, "
-                             f"the model has {readers}")
-        return site_k
-
-    @property
-    def effective_sparsity(self) -> float:
-        """Fraction of weight columns skipped per token, weighted by the parameters each reader linear feeds."""
-        skipped = total = 0
-        for index, (layer_k, layer_sizes) in enumerate(zip(self.keep_k, self.site_sizes)):
-            for site, (k, (width, params)) in enumerate(zip(layer_k, layer_sizes)):
-                readers = self.reader_params[index][site] if self.reader_params else (params,)
-                site_k = self.reader_keep_k[index][site] if self.reader_keep_k else (k,)
-                skipped += sum((width - reader_k) * (reader_params // width)
-                               for reader_k, reader_params in zip(site_k, readers))
-                total += params
-        return skipped / total if total else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "rotated": self.rotated,
-            "calibration_tokens": self.calibration_tokens,
-            "keep_k": [list(k) for k in self.keep_k],
-            "site_sizes": [[list(s) for s in layer] for layer in self.site_sizes],
-            "effective_sparsity": self.effective_sparsity,
-            "residual_bases": list(self.residual_bases),
-            "value_rotated": list(self.value_rotated),
-            "check_losses": [[label, loss] for label, loss in self.check_losses],
-            "reader_keep_k": [[list(site) for site in layer] for layer in self.reader_keep_k],
-            "reader_params": [[list(site) for site in layer] for layer in self.reader_params],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SparsityPlan":
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"rotsparse format version {version!r} is not supported by this rotsparse "
-                f"(it reads version {FORMAT_VERSION}); upgrade rotsparse or re-sparsify the model"
-            )
-        return cls(
-            keep_k=tuple(tuple(int(k) for k in layer) for layer in data["keep_k"]),
-            site_sizes=tuple(tuple((int(w), int(p)) for w, p in layer) for layer in data["site_sizes"]),
-            rotated=bool(data["rotated"]),
-            config=SparsifyConfig.from_dict(data["config"]),
-            calibration_tokens=int(data.get("calibration_tokens", 0)),
-            residual_bases=tuple(str(name) for name in data.get("residual_bases", ())),
-            value_rotated=tuple(bool(flag) for flag in data.get("value_rotated", ())),
-            check_losses=tuple((str(label), float(loss)) for label, loss in data.get("check_losses", ())),
-            reader_keep_k=tuple(tuple(tuple(int(k) for k in site) for site in layer)
-                                for layer in data.get("reader_keep_k", ())),
-            reader_params=tuple(tuple(tuple(int(p) for p in site) for site in layer)
-                                for layer in data.get("reader_params", ())),
-        )

@@ -2,34 +2,26 @@
 
 The directory is an ordinary Hugging Face checkpoint (safetensors + config.json + tokenizer). The plan
 (format version, config, K per site and reader linear) lives in config.json under ``"rotsparse"``; the residual
-adapters and output rotations are tensors named ``*.rotsparse_output_rotation`` beside the weights.
+rotations and output rotations are tensors named ``*.rotsparse_output_rotation`` beside the weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from .adapters import get_adapter
-from .api import PLAN_ATTRIBUTE, attach_plan, install_topk, site_sizes_for
-from .config import SparsityPlan
+from .families import get_family
 from .offload import execution_device
-from .topk import ROTATION_BUFFER, attach_output_rotation
+from .plan import CONFIG_KEY, attach_plan, plan_of, read_plan, site_sizes_for
+from .runtime import ROTATION_BUFFER, attach_output_rotation, install_topk
 
-CONFIG_KEY = "rotsparse"
-
-
-def plan_of(model: nn.Module) -> SparsityPlan:
-    """The plan attached by `sparsify` or `load`; a clear error for a plain model."""
-    plan = getattr(model, PLAN_ATTRIBUTE, None)
-    if plan is None:
-        raise ValueError("this model was not sparsified by rotsparse (no plan attached)")
-    return plan
+__all__ = ["CONFIG_KEY", "load", "plan_of", "read_plan", "save"]
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
@@ -42,24 +34,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     return directory
 
 
-def read_plan(directory: str | Path) -> SparsityPlan:
-    """The plan saved in `directory`'s config.json; clear errors for missing files or unknown versions."""
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: not a saved model directory")
-    try:
-        section = json.loads(config_path.read_text()).get(CONFIG_KEY)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if section is None:
-        raise ValueError(f"{directory} holds no rotsparse model (config.json has no {CONFIG_KEY!r} section)")
-    return SparsityPlan.from_dict(section)
-
-
 def _read_checkpoint(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
     """Shapes of every saved tensor, and the rotation tensors keyed by their module's name."""
-    from safetensors import safe_open
-
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")
@@ -75,8 +51,6 @@ def _read_checkpoint(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[
 
 def _check_weights(directory: Path, saved_shapes: dict[str, tuple[int, ...]]) -> None:
     """Compare saved tensor names and shapes with what the saved config builds; name every difference."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -117,8 +91,6 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
     "cpu" / "disk" for modules) instead of `device`; `max_memory` and `offload_folder` go with it, and
     accelerate dispatches the model over GPUs, CPU and disk (see `rotsparse.offload`).
     """
-    from transformers import AutoModelForCausalLM
-
     directory = Path(directory)
     plan = read_plan(directory)
     saved_shapes, rotations = _read_checkpoint(directory)
@@ -130,15 +102,15 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
             **({} if offload_folder is None else {"offload_folder": str(offload_folder)}))
     if info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]:
         raise ValueError(f"{directory}: weights do not match the saved config: {info}")
-    adapter = get_adapter(model)
-    site_sizes = site_sizes_for(adapter)
+    family = get_family(model)
+    site_sizes = site_sizes_for(family)
     if site_sizes != plan.site_sizes:
         raise ValueError(f"{directory}: layer shapes {site_sizes} do not match the saved plan {plan.site_sizes}")
     for module_name, rotation in rotations.items():
         module = model.get_submodule(module_name)
         weight = next(module.parameters())  # its device is meta when accelerate offloads it
         attach_output_rotation(module, rotation.to(device=execution_device(module), dtype=weight.dtype))
-    install_topk(adapter, plan)
+    install_topk(family, plan)
     attach_plan(model, plan)
     if device_map is None:
         model.to(device)

@@ -24,6 +24,7 @@ conversion.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import io as sparse_io
 
 __all__ = [
     "MODEL_ALIASES",
@@ -172,8 +176,6 @@ def alias_gguf_path(name: str) -> Path:
 
 def _assemble_gemma(alias: ModelAlias) -> Path:
     """Join the chunks of the gemma3-270m package into one GGUF file."""
-    import importlib
-
     module = importlib.import_module(alias.package)
     try:
         return Path(module.assemble())
@@ -260,8 +262,6 @@ def load_gguf(
 
 def _convert_gguf(path: Path):
     """Dequantize a GGUF file into a float32 transformers model + tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     _drop_gguf_quantization_config(model)
@@ -307,8 +307,6 @@ def _save_atomically(model, tokenizer, target: Path, source: Path) -> None:
 
 def _load_converted(folder: Path, dtype, device):
     """Load a cached conversion folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return _finish(model, device, dtype), tokenizer
@@ -323,28 +321,20 @@ def _load_folder(path: Path, dtype, device):
     """Load a ``save_pretrained`` folder, or a sparsified one (config.json with a rotsparse section)."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     if is_sparsified_folder(path):
-        from rotsparse.io import load as load_sparsified
-
-        return load_sparsified(path, dtype=dtype, device=device), tokenizer
+        return sparse_io.load(path, dtype=dtype, device=device), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return _finish(model, device, dtype), tokenizer
 
 
 def is_sparsified_folder(path: Path) -> bool:
     """True when ``path/config.json`` carries a rotsparse plan (written by ``rotsparse.save``)."""
-    from rotsparse.io import CONFIG_KEY
-
-    return CONFIG_KEY in json.loads((path / "config.json").read_text())
+    return sparse_io.CONFIG_KEY in json.loads((path / "config.json").read_text())
 
 
 def _load_hub(model_id: str, dtype, device):
     """Load a hub model; a clear error with offline alternatives on failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)

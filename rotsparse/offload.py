@@ -11,7 +11,7 @@ parameters back on ``meta`` afterwards. Modules placed directly on a device carr
 What rotsparse does with such a model (``rotsparse.sparsify(model, ...)`` works unchanged):
 
 * Forwards (calibration) already run layer by layer through the hooks. `materialized` (read-only, as
-  ``calibration.layerwise`` uses it) loads one layer once for all calibration sequences and the
+  ``runner.layerwise`` uses it) loads one layer once for all calibration sequences and the
   weight-reading statistics, instead of once per sequence.
 * Weight surgery (folding rotations and scales) runs inside ``materialized(layer)``: the layer's offloaded
   tensors are loaded onto the execution device (the GPU when there is one; the CPU here), the hooks are
@@ -19,7 +19,7 @@ What rotsparse does with such a model (``rotsparse.sparsify(model, ...)`` works 
   modified values are written back into the same store (CPU dict entry, or a ``.dat`` file in the
   loader's offload folder through accelerate's own ``offload_weight`` + index update; a checkpoint the
   model was loaded from is never written to) and the parameters return to ``meta``. Tied parameters loaded
-  together stay tied; parameters replaced inside (``untie_embeddings``) are written under their own keys.
+  together stay tied; parameters replaced inside (``Family.untie_embeddings``) are written under their own keys.
   Buffers (rotary tables, rotsparse's output rotations) are kept on the execution device, not offloaded.
 * Installing Top-K needs no data: `adopt_hooks` gives the new `TopKLinear` (same parameter names) the
   hooks of the ``nn.Linear`` it replaces, reading the same store entries. An offloaded `TopKLinear` gets
@@ -51,6 +51,8 @@ import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, named_module_tensors, offload_weight
 from torch import nn
+
+from .kernels.reference import to_input_major
 
 __all__ = ["InputMajorOffloadHook", "adopt_hooks", "execution_device", "is_offloaded", "materialized"]
 
@@ -122,8 +124,6 @@ class _Onloaded:
 def _onload(modules: tuple[nn.Module, ...], device) -> list[_Onloaded]:
     """Load every offloaded tensor of `modules` onto its execution device (or `device`) and stop the hooks
     from offloading. Tensors tied together (the same Parameter object) are loaded once and stay tied."""
-    from .topk import TopKLinear, to_input_major
-
     loaded: dict[int, torch.Tensor] = {}
     keep_alive: list[torch.Tensor] = []
     states = []
@@ -138,7 +138,7 @@ def _onload(modules: tuple[nn.Module, ...], device) -> list[_Onloaded]:
                 old = _get(owner, leaf)
                 if id(old) not in loaded:
                     value = hook.weights_map[name].to(device=target, dtype=old.dtype)
-                    if isinstance(owner, TopKLinear) and leaf == "weight":
+                    if getattr(owner, "input_major", False) and leaf == "weight":
                         value = to_input_major(value)
                     if leaf in owner._parameters:
                         value = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -233,13 +233,12 @@ def _write_to_disk(loader, key: str, tensor: torch.Tensor) -> None:
 # Top-K linears under offload ---------------------------------------------------------------------
 
 class InputMajorOffloadHook(AlignDevicesHook):
-    """``AlignDevicesHook`` for an offloaded `TopKLinear`: after loading the stored (out, in) weight, lay it
+    """``AlignDevicesHook`` for an offloaded module whose weight is kept input-major (``input_major = True``:
+    `rotsparse.runtime.TopKLinear`): after loading the stored (out, in) weight, lay it
     out input-channel-major (a transpose view of a contiguous (in, out) tensor) for the decode kernel."""
 
     def pre_forward(self, module, *args, **kwargs):
         args, kwargs = super().pre_forward(module, *args, **kwargs)
-        from .topk import to_input_major
-
         weight = module._parameters.get("weight")
         if weight is not None and weight.device.type != "meta" and not weight.t().is_contiguous():
             module._parameters["weight"] = nn.Parameter(to_input_major(weight), requires_grad=weight.requires_grad)
@@ -250,15 +249,13 @@ def adopt_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give `new` (which replaces `old` under the same name, with the same parameter names) accelerate hooks
     configured like `old`'s; returns `new`. A no-op without hooks. Offloaded parameters need no loading:
     the new hooks read the same store entries."""
-    from .topk import TopKLinear
-
     hooks = []
     for hook in _align_hooks(old):
         settings = dict(execution_device=hook.execution_device, offload=hook.offload,
                         io_same_device=hook.io_same_device, weights_map=hook.weights_map,
                         offload_buffers=hook.offload_buffers, place_submodules=hook.place_submodules,
                         skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map)
-        hook_class = InputMajorOffloadHook if hook.offload and isinstance(new, TopKLinear) else AlignDevicesHook
+        hook_class = InputMajorOffloadHook if hook.offload and getattr(new, "input_major", False) else AlignDevicesHook
         hooks.append(hook_class(**settings))
     if hooks:
         add_hook_to_module(new, hooks[0] if len(hooks) == 1 else SequentialHook(*hooks))

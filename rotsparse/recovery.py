@@ -5,7 +5,7 @@
 
 In training mode every `TopKLinear` keeps the K largest entries of each token in the forward pass and passes
 the gradient straight through in the backward pass (x + (topk(x) - x).detach(), mask built per token).
-The model stays a rotsparse model: rotations and residual adapters are buffers (never trained), the Top-K
+The model stays a rotsparse model: rotations and residual rotations are buffers (never trained), the Top-K
 weights keep their input-major layout (AdamW updates in place), and `rotsparse.save` / `load` and the decode
 kernels work afterwards.
 
@@ -29,7 +29,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .topk import TopKLinear, apply_topk_options, is_sparsified
+from .api import sparsify
+from .config import SparsifyConfig
+from .data import bos_token_id, load_texts, token_stream
+from .evaluation import make_windows
+from .families import get_family
+from .io import save
+from .models import load_model
+from .plan import attach_plan, plan_of
+from .runtime import TopKLinear, apply_topk_options, is_sparsified
 
 logger = logging.getLogger("rotsparse")
 
@@ -41,41 +49,44 @@ def _is_norm(name: str, module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() or name.rsplit(".", 1)[-1].endswith("norm")
 
 
-def _preset_all(name: str, module: nn.Module) -> bool:
-    return True
+def _preset_all(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    return lambda name, module: True
 
 
-def _preset_sparse(name: str, module: nn.Module) -> bool:
-    return isinstance(module, TopKLinear) or _is_norm(name, module)
+def _preset_sparse(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    return lambda name, module: isinstance(module, TopKLinear) or _is_norm(name, module)
 
 
-def _preset_mlp(name: str, module: nn.Module) -> bool:
-    return ".mlp." in f".{name}." or _is_norm(name, module)
+def _preset_mlp(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    mlps = {id(layer.mlp) for layer in get_family(model).layer_views()}
+    prefixes = tuple(name + "." for name, module in model.named_modules() if id(module) in mlps)
+    return lambda name, module: (name + ".").startswith(prefixes) or _is_norm(name, module)
 
 
-def _preset_norms(name: str, module: nn.Module) -> bool:
-    return _is_norm(name, module)
+def _preset_norms(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    return _is_norm
 
 
-TRAINABLE_PRESETS: dict[str, Callable[[str, nn.Module], bool]] = {
+TRAINABLE_PRESETS: dict[str, Callable[[nn.Module], Callable[[str, nn.Module], bool]]] = {
     "all": _preset_all,        # every parameter (embeddings and head included)
     "sparse": _preset_sparse,  # every Top-K projection (q/k/v/o/gate/up/down) and every norm; no embeddings/head
     "mlp": _preset_mlp,        # MLP projections and every norm: about 2/3 of a Llama layer, fits small machines
     "norms": _preset_norms,    # norm scales only (tiny; the gradient still flows through the whole model)
 }
-"""Named choices of `recover(trainable=...)`: which modules' own parameters are trained."""
+"""Named choices of `recover(trainable=...)`: which modules' own parameters are trained (each preset builds
+its rule (module name, module) -> bool for a model)."""
 
 
 def select_trainable(model: nn.Module, trainable: str | Callable[[str, nn.Module], bool] = "all") -> list[nn.Parameter]:
     """Set requires_grad on `model`'s parameters and return the trainable ones (each once, ties shared).
 
     trainable: a `TRAINABLE_PRESETS` name, or a function (module name, module) -> bool deciding for the
-    parameters a module owns directly. Buffers (rotations, residual adapters) are never trained.
+    parameters a module owns directly. Buffers (rotations, residual rotations) are never trained.
     """
     if isinstance(trainable, str):
         if trainable not in TRAINABLE_PRESETS:
             raise ValueError(f"unknown trainable preset {trainable!r}; choose one of {sorted(TRAINABLE_PRESETS)}")
-        rule = TRAINABLE_PRESETS[trainable]
+        rule = TRAINABLE_PRESETS[trainable](model)
     elif callable(trainable):
         rule = trainable
     else:
@@ -101,9 +112,6 @@ def configure(model: nn.Module, *, l2_rescale: bool | None = None, block_size: i
 
     None (or ... for mlp_activation) leaves a setting as it is. See `SparsifyConfig` for the meanings.
     """
-    from .api import attach_plan
-    from .io import plan_of
-
     plan = plan_of(model)
     changes = {}
     if l2_rescale is not None:
@@ -133,9 +141,6 @@ def training_windows(tokenizer, texts: Sequence[str] | torch.Tensor, seqlen: int
         raise TypeError("texts must be a list of documents, not a single string")
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to train on text")
-    from .data import bos_token_id, token_stream
-    from .evaluation import make_windows
-
     stream = token_stream(tokenizer, list(texts))
     windows = make_windows(stream, seqlen, bos_token_id(tokenizer))
     if windows.shape[1] < seqlen:
@@ -237,8 +242,6 @@ def recover(model: nn.Module, tokenizer=None, texts: Sequence[str] | torch.Tenso
         logger.warning("recover: this model is not sparsified by rotsparse; training it densely")
 
     if texts is None or isinstance(texts, (str, Path)):
-        from .data import load_texts
-
         texts = load_texts("embedded" if texts is None else texts, part="calibration")
     windows = training_windows(tokenizer, texts, seqlen)
     if device is not None:
@@ -313,8 +316,6 @@ def _checkpoint(model: nn.Module, tokenizer, directory: Path) -> Path:
     model.eval()
     try:
         if is_sparsified(model):
-            from .io import save
-
             save(model, directory, tokenizer)
         else:
             model.save_pretrained(directory)
@@ -325,22 +326,18 @@ def _checkpoint(model: nn.Module, tokenizer, directory: Path) -> Path:
     return directory
 
 
-def recover_pretrained(model: str, sparsity: float, steps: int, out: str | Path, data: str | None = None, *,
-                       method: str | None = None, progress: bool = True, **options) -> RecoveryResult:
+def recover_pretrained(model: str, config: SparsifyConfig, steps: int, out: str | Path, data: str | None = None, *,
+                       calibration: str | None = None, progress: bool = True, **options) -> RecoveryResult:
     """What `rotsparse recover --model M --sparsity S --steps N [--data DATA] --out DIR` does.
 
-    Loads M (`rotsparse.models.load_model`), sparsifies it (calibrating on DATA's calibration part, or the
-    embedded corpus), recovers on the same texts, saves model + tokenizer to DIR with `rotsparse.save` and the
-    loss history to DIR/recovery.json. `options` go to `recover` (lr, seqlen, batch_size, trainable, ...).
+    Loads M (`rotsparse.models.load_model`), sparsifies it with `config` (calibrating on `calibration`, by
+    default DATA's calibration part, or the embedded corpus), recovers on DATA's calibration part, saves model +
+    tokenizer to DIR with `rotsparse.save` and the loss history to DIR/recovery.json. `options` go to `recover`
+    (lr, seqlen, batch_size, trainable, ...).
     """
-    from .api import sparsify
-    from .data import load_texts
-    from .io import save
-    from .models import load_model
-
     network, tokenizer = load_model(model)
     source = data or "embedded"
-    sparsify(network, tokenizer, sparsity=sparsity, method=method, calibration=source, progress=progress)
+    sparsify(network, tokenizer, config=config, calibration=calibration or source, progress=progress)
     texts = load_texts(source, part="calibration")
     result = recover(network, tokenizer, texts, steps=steps, progress=progress, **options)
     out = Path(out)

@@ -100,7 +100,7 @@ def rotate_embedding(embedding: torch.Tensor, rotation: torch.Tensor) -> torch.T
     return embedding.double() @ rotation.double()
 
 
-def residual_adapter(rotation_from: torch.Tensor, rotation_to: torch.Tensor) -> torch.Tensor:
+def residual_rotation(rotation_from: torch.Tensor, rotation_to: torch.Tensor) -> torch.Tensor:
     """Matrix (d, d) taking a stream from basis Q_from to Q_to: x_to = x_from @ (Q_from^T Q_to)."""
     return rotation_from.double().T @ rotation_to.double()
 

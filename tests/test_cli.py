@@ -5,7 +5,7 @@ import json
 import pytest
 
 import rotsparse
-from rotsparse.cli import _sparsify_settings, build_parser, main
+from rotsparse.cli import _sparsify_settings, build_parser, config_from_args, main
 from rotsparse.config import SparsifyConfig
 from rotsparse.data import load_texts
 from rotsparse.evaluation import perplexity
@@ -118,7 +118,7 @@ def test_synthetic_structure_places_residual_adapters_every_g_layers():
     """The bench's stand-in for a rotated model: a d x d adapter after every G-th layer but the last (G = 1:
     after every layer, the worst case), none for topk; the function's weights are untouched."""
     from rotsparse.bench import structural_sparse_copy
-    from rotsparse.topk import ROTATION_BUFFER
+    from rotsparse.runtime import ROTATION_BUFFER
 
     dense = tiny_model("llama", num_layers=5)
     for method, every, expected in (("larosa", 1, [0, 1, 2, 3]), ("larosa", 2, [1, 3]), ("auto", 5, []),
@@ -135,3 +135,22 @@ def test_check_sequences_reach_the_config():
         args = parser.parse_args(["sparsify", "--model", "m", "--sparsity", "0.4", "--out", "o", *argv])
         settings = _sparsify_settings(args)
         assert SparsifyConfig(**{k: v for k, v in settings.items() if k != "calibration"}).check_sequences == expected
+
+
+def test_every_subcommand_takes_the_config_flags_with_the_config_defaults(capsys):
+    """The SparsifyConfig / AutoOptions flags are generated from the dataclasses: the same on every subcommand,
+    and a flag not given leaves the config's own default."""
+    parser = build_parser()
+    required = {"sparsify": ["--out", "o"], "recover": ["--steps", "1", "--out", "o"]}
+    for command in ("run", "sparsify", "eval", "bench", "recover"):
+        args = parser.parse_args([command, *required.get(command, []), "--json", "-q"])
+        assert config_from_args(args) == SparsifyConfig() and args.json and args.quiet
+        args = parser.parse_args([command, *required.get(command, []), "--method", "larosa", "--seed", "3",
+                                  "--site-coefficients", "1", "1", "2", "2", "--no-l2-rescale", "-vv"])
+        assert config_from_args(args) == SparsifyConfig(method="larosa", seed=3, site_coefficients=(1, 1, 2, 2))
+        assert args.verbose == 2
+    args = parser.parse_args(["eval", "--auto-rotations", "identity", "pca", "--no-auto-per-reader"])
+    assert config_from_args(args).options == rotsparse.AutoOptions(rotations=("identity", "pca"), per_reader=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--version"])
+    assert exit_info.value.code == 0 and rotsparse.__version__ in capsys.readouterr().out

@@ -13,9 +13,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import rotsparse
-from rotsparse.config import SITES, SparsifyConfig, SparsityPlan
-from rotsparse.rotation import fold_input, pca_rotation, residual_adapter, rotate_output, sink_preserving_rotation
-from rotsparse.topk import TopKLinear, allocate_keep_k, keep_topk
+from rotsparse.budget import allocate_keep_k
+from rotsparse.config import SITES, SparsifyConfig
+from rotsparse.plan import SparsityPlan
+from rotsparse.rotation import fold_input, pca_rotation, residual_rotation, rotate_output, sink_preserving_rotation
+from rotsparse.runtime import TopKLinear
+from rotsparse.topk import keep_topk
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
@@ -161,7 +164,7 @@ def test_folding_functions_preserve_the_linear_map():
     h = torch.randn(3, 5, dtype=torch.float64)
     assert torch.allclose(h @ rotated_weight.T + rotated_bias, (h @ out_weight.T + bias) @ rotation)
     other = random_rotation(8)
-    assert torch.allclose((x @ rotation) @ residual_adapter(rotation, other), x @ other)
+    assert torch.allclose((x @ rotation) @ residual_rotation(rotation, other), x @ other)
 
 
 def test_allocation_rebalances_coefficients_and_caps_at_full_sparsity():
@@ -244,8 +247,8 @@ def test_bad_calibration_tensors_are_rejected():
 
 def test_padding_is_masked_out_of_the_calibration():
     """Right-padded sequences calibrate exactly like the unpadded ones: rotations, scales, error curves."""
-    from rotsparse import methods
-    from rotsparse.adapters import get_adapter
+    from rotsparse.families import get_family
+    from rotsparse.measure import calibrate_model
     from rotsparse.api import calibrate
 
     model = tiny_model("llama")
@@ -254,7 +257,7 @@ def test_padding_is_masked_out_of_the_calibration():
     mask = torch.cat([torch.ones(2, 48), torch.zeros(2, 5)], dim=1).long()
     config = SparsifyConfig(error_tokens=128)  # more than the real tokens: all of them are sampled
     plain = calibrate(model, calibration=tokens, config=config, progress=False)
-    masked = methods.calibrate(model, get_adapter(model), padded, mask, config, progress=False)
+    masked = calibrate_model(model, get_family(model), padded, mask, config, progress=False)
     assert masked.tokens == plain.tokens == 96
     for ours, theirs in zip(masked.layers, plain.layers):
         for a, b in zip(ours.rotations[1:], theirs.rotations[1:]):

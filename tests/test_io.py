@@ -111,7 +111,7 @@ def test_lm_head_decodes_through_the_dense_kernel_and_keeps_its_tie(method, monk
     from torch import nn
 
     import rotsparse.kernels
-    from rotsparse.topk import KernelLinear
+    from rotsparse.runtime import KernelLinear
 
     model = sparsified("llama", method=method)
     head = model.lm_head

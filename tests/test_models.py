@@ -102,7 +102,7 @@ def test_sparsified_folder_goes_to_rotsparse_io(tmp_path, monkeypatch):
     fake_io = types.ModuleType("rotsparse.io")
     fake_io.CONFIG_KEY = "rotsparse"
     fake_io.load = lambda path, dtype, device: calls.append((Path(path), dtype, device)) or "model"
-    monkeypatch.setitem(sys.modules, "rotsparse.io", fake_io)
+    monkeypatch.setattr(models, "sparse_io", fake_io)
     model, tokenizer = load_model(folder, dtype=torch.float16, device="cpu")
     assert model == "model" and calls == [(folder, torch.float16, "cpu")]
     assert tokenizer("ab")["input_ids"] == make_byte_tokenizer()("ab")["input_ids"]

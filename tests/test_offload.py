@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import rotsparse
 from rotsparse.offload import InputMajorOffloadHook, execution_device, is_offloaded, materialized
-from rotsparse.topk import TopKLinear
+from rotsparse.runtime import TopKLinear
 
 from tiny_models import random_tokens, tiny_model
 

@@ -4,15 +4,18 @@ import pytest
 import torch
 
 import rotsparse
-from rotsparse.adapters import get_adapter
-from rotsparse.api import calibrate, site_sizes_for
-from rotsparse.config import SITES, SparsifyConfig
-from rotsparse.methods import (ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
-                               choose, choose_value_rotations, fold_rotations, fold_scales, fold_value_rotation,
-                               run_length)
+from rotsparse.api import calibrate
+from rotsparse.budget import allocate_by_error
+from rotsparse.choose import choose, choose_value_rotations
+from rotsparse.config import ROTATION_CANDIDATES, SITES, AutoOptions, SparsifyConfig, run_length
+from rotsparse.families import get_family
+from rotsparse.fold import fold_rotations, fold_scales, fold_value_rotation
+from rotsparse.measure import Calibration, LayerCalibration
+from rotsparse.plan import site_sizes_for
 from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_scale, head_block_rotation,
                                 topk_error_curve)
-from rotsparse.topk import ROTATION_BUFFER, TopKLinear, keep_topk
+from rotsparse.runtime import ROTATION_BUFFER, TopKLinear
+from rotsparse.topk import keep_topk
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
@@ -52,13 +55,13 @@ def test_scales_change_the_weights_and_select_by_weighted_magnitude(family):
     model = tiny_model(family)
     tokens = random_tokens()
     expected = logits(model, tokens)
-    adapter = get_adapter(model)
-    layer = adapter.layer_adapters()[0]
+    adapter = get_family(model)
+    layer = adapter.layer_views()[0]
     qkv_before = torch.cat([linear.weight.detach().clone() for linear in layer.qkv])
     fold_rotations(adapter, [None] * len(adapter.layers))
     wina = column_scale([linear.weight for linear in layer.qkv])  # before scaling: not unit
     assert relative_error(wina, torch.ones_like(wina)) > 0.1
-    for layer_adapter in adapter.layer_adapters():
+    for layer_adapter in adapter.layer_views():
         fold_scales(layer_adapter)
     assert relative_error(logits(model, tokens), expected) < 1e-4
     qkv_after = torch.cat([linear.weight.detach() for linear in layer.qkv])
@@ -119,7 +122,7 @@ def test_a_rotation_must_pay_for_the_weights_it_adds():
         for _ in range(2):
             curves = {"h1": [base, gain * base], "h2": [base], "h3": [base, gain * base], "h4": [base]}
             layers.append(LayerCalibration([None, torch.eye(4, dtype=torch.float64)], curves, {},
-                                           adapter_weights=10000))
+                                           residual_rotation_weights=10000))
         for charge, expected in ((True, charged), (False, [1, 1])):
             calibration = Calibration("auto", AutoOptions(charge_rotations=charge), layers, 0, 0.0, 0.0)
             choice, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
@@ -141,7 +144,7 @@ def test_adapters_are_paid_only_where_neighbouring_bases_differ():
             curves = {"h1": [base, 0.5 * base, 0.48 * base], "h2": [base], "h3": [base, 0.5 * base, 0.48 * base],
                       "h4": [base]}
             result.append(LayerCalibration([None, shared, torch.eye(4, dtype=torch.float64)], curves, {},
-                                           adapter_weights=10000, output_rotation_weights=output_rotation_weights))
+                                           residual_rotation_weights=10000, output_rotation_weights=output_rotation_weights))
         return result
 
     for charge, output_weights, expected in ((True, 0, [1] * 4), (False, 0, [2] * 4), (True, 10**6, [0] * 4)):
@@ -165,7 +168,7 @@ def test_one_shared_basis_needs_no_residual_adapters(family, tmp_path):
     rotsparse.sparsify(model, sparsity=0.0, calibrated=calibrated, progress=False)
     assert relative_error(logits(model, tokens), expected) < 1e-4
     assert model.rotsparse_plan.rotated
-    layers = get_adapter(model).layers
+    layers = get_family(model).layers
     assert not any(hasattr(layer, ROTATION_BUFFER) for layer in layers)
     output_rotations = sum(hasattr(m, ROTATION_BUFFER) for m in model.modules())
     assert output_rotations == (2 * len(layers) if family == "gemma3_text" else 0)
@@ -210,7 +213,7 @@ def test_one_calibration_serves_every_sparsity():
     assert torch.allclose(logits(first, tokens), logits(second, tokens), atol=1e-6)
     with pytest.raises(ValueError, match="calibrated for method"):
         rotsparse.sparsify(tiny_model("qwen2"), sparsity=0.4, method="larosa", calibrated=calibrated)
-    assert site_sizes_for(get_adapter(model)) == first.rotsparse_plan.site_sizes
+    assert site_sizes_for(get_family(model)) == first.rotsparse_plan.site_sizes
 
 
 def test_error_curve_of_a_wide_reader_matches_brute_force():
@@ -227,19 +230,19 @@ def test_error_curve_of_a_wide_reader_matches_brute_force():
 def test_loss_sensitivity_is_the_squared_loss_gradient_of_each_output(family):
     """Checked against an independent route: a zero perturbation added to one linear's output, differentiated.
     Fisher = mean over real tokens of squared gradients per output; token energy = per-token sum over outputs."""
-    from rotsparse.calibration import loss_sensitivity
+    from rotsparse.moments import loss_sensitivity
 
     model = tiny_model(family)
     tokens = random_tokens(num_sequences=3, length=16)
     mask = torch.ones_like(tokens)
     mask[1, 12:] = 0  # padding does not count
-    adapter = get_adapter(model)
+    adapter = get_family(model)
     sensitivity = loss_sensitivity(model, adapter, tokens, mask, progress=False, max_sequences=2)
     assert sensitivity.sequences == 2 and len(sensitivity.fisher) == len(adapter.layers)
     assert [len(sensitivity.fisher[0][site]) for site in SITES] == [3, 1, 2, 1]
     assert all(p.grad is None for p in model.parameters()), "no parameter gradients are kept"
 
-    linear = adapter.layer_adapters()[1].gate_up[1]
+    linear = adapter.layer_views()[1].gate_up[1]
     squares, count, energy = torch.zeros(linear.out_features, dtype=torch.float64), 0, torch.zeros(2, 16)
     for row in range(2):
         delta = torch.zeros(1, 16, linear.out_features, requires_grad=True)
@@ -263,9 +266,9 @@ def test_loss_sensitivity_is_the_squared_loss_gradient_of_each_output(family):
 def test_loss_weighted_error_curves_weigh_every_token_and_output_of_every_reader():
     """curve_r(K) = mean_t a_rt * sum_i (f_ri / sum f_r) * (W_r r_t(K))_i^2: a_rt the token's gradient
     energy at reader r, f_r its Fisher, r_t(K) what Top-K drops from row t (checked at the exact grid points)."""
-    from rotsparse.methods import _calibrate_layer
+    from rotsparse.measure import _calibrate_layer
 
-    layer_adapter = get_adapter(tiny_model("llama")).layer_adapters()[0]
+    layer_adapter = get_family(tiny_model("llama")).layer_views()[0]
     modules = layer_adapter.site_modules()
     torch.manual_seed(0)
     rows = {site: torch.randn(40, modules[site][0].in_features, dtype=torch.float64) for site in SITES}
@@ -327,7 +330,7 @@ def test_value_rotation_folding_is_exact(family):
     model = tiny_model(family)
     tokens = random_tokens()
     expected = logits(model, tokens)
-    layers = get_adapter(model).layer_adapters()
+    layers = get_family(model).layer_views()
     v_before = layers[0].layer.self_attn.v_proj.weight.detach().clone()
     for index, layer in enumerate(layers):
         fold_value_rotation(layer, _random_head_rotations(2, layer.o_proj.in_features // 4, seed=index))
@@ -378,7 +381,7 @@ def test_sparsify_installs_the_k_of_every_reader_linear_and_it_survives_save_and
     rotsparse.sparsify(model, sparsity=0.5, calibrated=calibrated, progress=False)
     plan = model.rotsparse_plan
     installed, kept, total = [], 0, 0
-    for layer_adapter in get_adapter(model).layer_adapters():
+    for layer_adapter in get_family(model).layer_views():
         modules = layer_adapter.site_modules()
         installed.append(tuple(tuple(module.keep_k for module in modules[site]) for site in SITES))
         for module in (m for site in SITES for m in modules[site]):
@@ -395,7 +398,7 @@ def test_sparsify_installs_the_k_of_every_reader_linear_and_it_survives_save_and
     restored = load(tmp_path)
     assert restored.rotsparse_plan == plan
     assert torch.allclose(logits(restored, tokens), expected, atol=1e-5, rtol=1e-5)
-    for layer_adapter, layer_k in zip(get_adapter(restored).layer_adapters(), plan.reader_keep_k):
+    for layer_adapter, layer_k in zip(get_family(restored).layer_views(), plan.reader_keep_k):
         modules = layer_adapter.site_modules()
         assert tuple(tuple(m.keep_k for m in modules[site]) for site in SITES) == layer_k
 
@@ -421,7 +424,7 @@ def test_calibration_offers_a_pca_rotation_of_every_value_head(family):
     model = tiny_model(family)
     calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
                            progress=False)
-    head_dim = get_adapter(model).layer_adapters()[0].o_proj.in_features // 4
+    head_dim = get_family(model).layer_views()[0].o_proj.in_features // 4
     for layer in calibrated.layers:
         assert layer.value_rotations[0] is None and layer.value_rotations[1].shape == (2, head_dim, head_dim)
         for rotation in layer.value_rotations[1]:

@@ -10,8 +10,8 @@ import rotsparse
 from rotsparse.config import SparsifyConfig
 from rotsparse.recovery import (TRAINABLE_PRESETS, _learning_rate_factor, configure, recover, select_trainable,
                                 training_windows)
-from rotsparse.topk import (SquaredReLU, TopKLinear, apply_topk_options, block_keep, keep_topk, keep_topk_blocks,
-                            sparsify_activation)
+from rotsparse.runtime import SquaredReLU, TopKLinear, apply_topk_options
+from rotsparse.topk import block_keep, keep_topk, keep_topk_blocks, sparsify_activation
 
 from tiny_models import random_tokens, tiny_model
 

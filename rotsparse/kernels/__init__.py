@@ -23,6 +23,10 @@ Backends (picked per call, see :func:`kernel_backend`):
 Public API: :func:`topk_gemv`, :func:`index_gemv`, :func:`topk_indices`,
 :func:`dense_gemv` (one token through a row-major ``(out, in)`` weight, e.g. the
 lm_head), :func:`topk_mask`, :func:`kernel_backend`, :func:`build_extension`.
+Layout: ``build.py`` (C++ JIT build, backend choice), ``ops.py`` (every
+``torch.library`` op with its fake and autograd), ``reference.py`` (PyTorch
+reference and fallbacks, the one per-token Top-K selection), ``triton_gemv.py``
+(the CUDA kernel); this module validates arguments and picks eager or op.
 ``topk_gemv``, ``index_gemv`` and ``topk_indices`` are ``torch.library``
 custom ops (``torch.ops.rotsparse.*``, with fake implementations) so
 ``torch.compile`` can trace code that calls them; in plain eager mode without
@@ -32,144 +36,27 @@ autograd the public functions skip the custom-op layer (~25 us per call).
 
 from __future__ import annotations
 
-import functools
-import operator
-import os
-import shutil
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import ops
+from .build import NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
+from .reference import check_keep_k, to_input_major, topk_mask
 
 __all__ = [
     "build_extension",
     "dense_gemv",
     "index_gemv",
     "kernel_backend",
+    "to_input_major",
     "topk_gemv",
     "topk_indices",
     "topk_mask",
 ]
 
-_EXT_NAME = "rotsparse_topk_gemv"
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topk_gemv.cpp")
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
-# ---------------------------------------------------------------------------
-# C++ extension (lazy JIT build, cached)
-# ---------------------------------------------------------------------------
-def _build_flag_sets() -> list[tuple[list[str], list[str]]]:
-    """Compiler/linker flag sets to try, best first."""
-    if os.name == "nt":  # MSVC
-        return [(["/O2", "/openmp"], []), (["/O2"], [])]
-    # The portable retry covers compilers without OpenMP or -march=native
-    # (e.g. Apple clang); the C++ source builds either way.
-    return [(["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]), (["-O3"], [])]
-
-
-@functools.cache
-def _load_extension(verbose: bool = False):
-    """Build (or load from torch's extension cache) the C++ kernel.
-
-    Returns the op namespace ``torch.ops.rotsparse_cpp`` (``topk_gemv``,
-    ``index_gemv``, ``topk_indices``, ``dense_gemv``, ``has_avx512``); raises on failure.
-    Cached: the build runs at most once per process per ``verbose`` value.
-    """
-    from torch.utils.cpp_extension import load
-
-    cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"C++ compiler {cxx!r} not found (install g++/clang++ or set CXX)")
-    errors = []
-    for i, (cflags, ldflags) in enumerate(_build_flag_sets()):
-        name = _EXT_NAME if i == 0 else f"{_EXT_NAME}_portable"
-        try:
-            load(
-                name=name,
-                sources=[_SRC],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                is_python_module=False,  # ops register themselves as torch.ops.rotsparse_cpp.*
-                verbose=verbose,
-            )
-            return torch.ops.rotsparse_cpp
-        except Exception as e:  # build error, ninja missing, ...
-            errors.append(f"[flags {' '.join(cflags)}] {type(e).__name__}: {_tail(e)}")
-    raise RuntimeError("could not build the rotsparse C++ kernel: " + " | ".join(errors))
-
-
-def _tail(e: BaseException, limit: int = 400) -> str:
-    """The end of an exception message (where the compiler's error usually is)."""
-    s = " ".join(str(e).split())
-    return s if len(s) <= limit else "... " + s[-limit:]
-
-
-@functools.cache
-def _cpp_ext():
-    """The compiled extension, or ``None`` (after ONE warning) if it cannot be built."""
-    try:
-        return _load_extension(False)
-    except Exception as e:
-        warnings.warn(
-            f"rotsparse: C++ Top-K GEMV kernel unavailable, falling back to the (slower) "
-            f"pure-PyTorch path. Reason: {_tail(e, 1200)}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-
-
-def build_extension(verbose: bool = False):
-    """Build (or load from cache) the C++ kernel now; returns ``torch.ops.rotsparse_cpp``.
-
-    Raises ``RuntimeError`` with the compiler's message if the build fails
-    (unlike the lazy path, which warns once and falls back to PyTorch).
-    """
-    return _load_extension(verbose)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton.language  # noqa: F401  (imports triton too)
-    except Exception:
-        return False
-    return True
-
-
-def kernel_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """Which backend :func:`topk_gemv` will actually run on ``device``.
-
-    Returns ``"cpp"``, ``"triton"`` or ``"torch"``.  For CPU this builds the
-    extension if needed (first call may take ~1 min; cached afterwards).
-    """
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        if dtype in _NATIVE_DTYPES and _cpp_ext() is not None:
-            return "cpp"
-        return "torch"
-    if dev.type == "cuda":
-        if dtype in _NATIVE_DTYPES and _triton_available():
-            return "triton"
-        return "torch"
-    return "torch"
-
-
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-def _check_keep_k(keep_k, n: int):
-    if isinstance(keep_k, bool) or not isinstance(keep_k, (int, torch.SymInt)):
-        try:
-            keep_k = operator.index(keep_k)  # numpy / 0-d integer tensors
-        except TypeError:
-            raise TypeError(f"keep_k must be an int, got {type(keep_k).__name__}") from None
-    if keep_k < 0 or keep_k > n:
-        raise ValueError(f"keep_k={keep_k} out of range [0, {n}]")
-    return keep_k
 
 
 def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_contiguous: bool = True) -> None:
@@ -212,183 +99,6 @@ def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_
             raise TypeError(f"dtype mismatch: bias is {bias.dtype}, x is {x.dtype}")
 
 
-# ---------------------------------------------------------------------------
-# Reference / fallback implementations
-# ---------------------------------------------------------------------------
-def topk_mask(x: Tensor, keep_k: int) -> Tensor:
-    """Per-token dense-masked Top-K along the last dim.
-
-    x: (..., in), any number of tokens.  Returns a tensor of the same shape and
-    dtype that is zero everywhere except, independently for every token, at
-    the ``keep_k`` largest ``|x|`` entries (exactly ``keep_k`` per token; ties
-    broken by ``torch.topk``).  ``keep_k == 0`` gives zeros; ``keep_k == in``
-    returns ``x`` itself (no copy).
-    """
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension")
-    n = x.shape[-1]
-    keep_k = _check_keep_k(keep_k, n)
-    if keep_k == n:
-        return x
-    if keep_k == 0:
-        return torch.zeros_like(x)
-    idx = x.abs().topk(keep_k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
-
-
-def _index_gemv_torch(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    n_in, n_out = weight_t.shape
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)  # float32 accumulation at least
-    x1 = x.reshape(n_in)
-    xs = x1.index_select(0, indices).to(acc_dtype).unsqueeze(0)
-    acc = (xs @ weight_t.index_select(0, indices).to(acc_dtype)).reshape(n_out)
-    if bias is not None:
-        acc = acc + bias.to(acc_dtype)
-    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
-
-
-def _topk_gemv_torch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Pure-PyTorch implementation of the op (float32 accumulation)."""
-    n_in = weight_t.shape[0]
-    x1 = x.reshape(n_in)
-    if keep_k == n_in:
-        idx = torch.arange(n_in, device=x.device)
-    else:
-        idx = x1.abs().topk(keep_k, sorted=False).indices.sort().values
-    return _index_gemv_torch(x, idx, weight_t, bias)
-
-
-# ---------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------
-def _topk_gemv_dispatch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    if x.dtype in _NATIVE_DTYPES:
-        if x.device.type == "cpu":
-            ext = _cpp_ext()
-            if ext is not None:
-                return ext.topk_gemv(x, weight_t, bias, int(keep_k))
-        elif x.device.type == "cuda" and _triton_available():
-            from .triton_gemv import topk_gemv_triton
-
-            return topk_gemv_triton(x, weight_t, bias, int(keep_k))
-    return _topk_gemv_torch(x, weight_t, bias, int(keep_k))
-
-
-def _index_gemv_dispatch(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if x.dtype in _NATIVE_DTYPES:
-        if x.device.type == "cpu":
-            ext = _cpp_ext()
-            if ext is not None:
-                return ext.index_gemv(x, indices, weight_t, bias)  # checks the index range
-        elif x.device.type == "cuda" and _triton_available():
-            from .triton_gemv import index_gemv_triton
-
-            return index_gemv_triton(x, indices, weight_t, bias)
-    if x.device.type == "cpu" and indices.numel():  # (no host sync on accelerators)
-        if int(indices.min()) < 0 or int(indices.max()) >= weight_t.shape[0]:
-            raise ValueError(f"indices out of range [0, {weight_t.shape[0]})")
-    return _index_gemv_torch(x, indices, weight_t, bias)
-
-
-def _topk_indices_dispatch(x: Tensor, keep_k: int) -> Tensor:
-    n = x.shape[-1]
-    x1 = x.reshape(n)
-    if x1.device.type == "cpu" and x1.dtype in _NATIVE_DTYPES:
-        ext = _cpp_ext()
-        if ext is not None:
-            return ext.topk_indices(x1, int(keep_k))
-    elif x1.device.type == "cuda" and x1.dtype in _NATIVE_DTYPES and _triton_available():
-        from .triton_gemv import topk_indices_triton
-
-        indices = topk_indices_triton(x1.contiguous(), int(keep_k))
-        if indices is not None:
-            return indices
-    if keep_k == n:
-        return torch.arange(n, device=x.device)
-    return x1.abs().topk(int(keep_k), sorted=False).indices.sort().values
-
-
-def _dense_gemv_dispatch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES:
-        ext = _cpp_ext()
-        if ext is not None:
-            return ext.dense_gemv(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-@torch.library.custom_op("rotsparse::index_gemv", mutates_args=())
-def _index_gemv_op(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _index_gemv_dispatch(x, indices, weight_t, bias)
-
-
-@_index_gemv_op.register_fake
-def _index_gemv_fake(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
-
-
-@torch.library.custom_op("rotsparse::topk_indices", mutates_args=())
-def _topk_indices_op(x: Tensor, keep_k: int) -> Tensor:
-    return _topk_indices_dispatch(x, keep_k).clone()  # fresh storage (the C++ op returns a view)
-
-
-@_topk_indices_op.register_fake
-def _topk_indices_fake(x: Tensor, keep_k: int) -> Tensor:
-    return x.new_empty((keep_k,), dtype=torch.long)
-
-
-@torch.library.custom_op("rotsparse::topk_gemv", mutates_args=())
-def _topk_gemv_op(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    return _topk_gemv_dispatch(x, weight_t, bias, keep_k)
-
-
-@_topk_gemv_op.register_fake
-def _topk_gemv_fake(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    torch._check(x.shape[-1] == weight_t.shape[0])
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
-
-
-@torch.library.custom_op("rotsparse::dense_gemv", mutates_args=())
-def _dense_gemv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _dense_gemv_dispatch(x, weight, bias)
-
-
-@_dense_gemv_op.register_fake
-def _dense_gemv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    torch._check(x.shape[-1] == weight.shape[1])
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _topk_gemv_setup_context(ctx, inputs, output):
-    x, weight_t, bias, keep_k = inputs
-    ctx.save_for_backward(x, weight_t)
-    ctx.keep_k = keep_k
-    ctx.has_bias = bias is not None
-
-
-def _topk_gemv_backward(ctx, grad):
-    # Straight-through w.r.t. the selection: the Top-K mask is treated as constant.
-    x, weight_t = ctx.saved_tensors
-    n = x.shape[-1]
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    if ctx.keep_k == n:
-        mask.fill_(True)
-    elif ctx.keep_k > 0:
-        mask.scatter_(-1, x.abs().topk(ctx.keep_k, dim=-1, sorted=False).indices, True)
-    gx = gw = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = (grad @ weight_t.t()) * mask
-    if ctx.needs_input_grad[1]:
-        gw = (x * mask).reshape(-1, 1) @ grad.reshape(1, -1)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = grad.reshape(-1)
-    return gx, gw, gb, None
-
-
-torch.library.register_autograd(
-    "rotsparse::topk_gemv", _topk_gemv_backward, setup_context=_topk_gemv_setup_context
-)
-
-
 def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     """Fused Top-K + sparse GEMV for ONE token.
 
@@ -404,20 +114,20 @@ def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) 
         rounding, float32 accumulation) to ``topk_mask(x, keep_k) @ weight_t + bias``.
     """
     _check_gemv_args(x, weight_t, bias)
-    keep_k = _check_keep_k(keep_k, weight_t.shape[0])
+    keep_k = check_keep_k(keep_k, weight_t.shape[0])
     if _eager_fast_path(x, weight_t, bias):
         # Same computation as the custom op, minus its ~25 us of Python dispatch.
-        return _topk_gemv_dispatch(x, weight_t, bias, keep_k)
+        return ops.topk_gemv_dispatch(x, weight_t, bias, keep_k)
     return torch.ops.rotsparse.topk_gemv(x, weight_t, bias, keep_k)
 
 
 def decode_topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     """:func:`topk_gemv` for callers whose arguments are consistent by construction (a `TopKLinear`'s decode
-    step, a residual adapter): plain CPU tensors of one native dtype in eager mode go straight to the C++
+    step, a residual rotation): plain CPU tensors of one native dtype in eager mode go straight to the C++
     kernel (which still checks shapes), skipping the Python validation; anything else is `topk_gemv`."""
-    if (x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and weight_t.dtype == x.dtype
+    if (x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and weight_t.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and _eager_fast_path(x, weight_t, bias)):
-        ext = _cpp_ext()
+        ext = cpp_ext()
         if ext is not None:
             return ext.topk_gemv(x, weight_t, bias, keep_k)
     return topk_gemv(x, weight_t, bias, keep_k)
@@ -438,7 +148,7 @@ def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tens
     if indices.device != x.device:
         raise ValueError(f"device mismatch: indices on {indices.device}, x on {x.device}")
     if _eager_fast_path(x, weight_t, bias, indices):
-        return _index_gemv_dispatch(x, indices, weight_t, bias)
+        return ops.index_gemv_dispatch(x, indices, weight_t, bias)
     return torch.ops.rotsparse.index_gemv(x, indices, weight_t, bias)
 
 
@@ -461,7 +171,7 @@ def dense_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return torch.nn.functional.linear(x, weight, bias)
     if _eager_fast_path(x, weight, bias):
-        return _dense_gemv_dispatch(x, weight, bias)
+        return ops.dense_gemv_dispatch(x, weight, bias)
     return torch.ops.rotsparse.dense_gemv(x, weight, bias)
 
 
@@ -474,11 +184,11 @@ def topk_indices(x: Tensor, keep_k: int) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() == 0:
         raise ValueError("x must be a tensor with at least one dimension")
     n = x.shape[-1]
-    keep_k = _check_keep_k(keep_k, n)
+    keep_k = check_keep_k(keep_k, n)
     if x.numel() != n:
         raise ValueError(f"topk_indices handles one token, got x of shape {tuple(x.shape)}")
     if _eager_fast_path(x):
-        return _topk_indices_dispatch(x, keep_k)
+        return ops.topk_indices_dispatch(x, keep_k)
     return torch.ops.rotsparse.topk_indices(x, keep_k)
 
 

@@ -333,8 +333,8 @@ void accumulate_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_RESTRICT W
     const W* p[R];
     float xv[R];
     for (int r = 0; r < R; ++r) {
-      p[r] = Wt + idx[s + r] * ldw + j0;
       xv[r] = xs[s + r];
+      p[r] = Wt + idx[s + r] * ldw + j0;
     }
     if (s + R < K) RS_PREFETCH(Wt + idx[s + R] * ldw + j0);
     for (int64_t j = 0; j < len; ++j) {

@@ -79,7 +79,7 @@ def _kernels():
     import triton.language as tl
 
     # jit helpers: a kernel resolves the functions it calls as globals
-    global _key, _pick_digit, _radix_digit, _threshold, _keep, _store_output
+    global _key, _pick_digit, _radix_digit, _digit_histogram, _threshold, _keep, _store_output
 
     @triton.jit
     def _key(xv, KEY_BITS: tl.constexpr):
@@ -105,6 +105,13 @@ def _kernels():
         n_fit, above, at_digit = tl.reduce(
             (fits.to(tl.int32), tl.where(fits, above, at_least), tl.where(fits, at_least, n_in)), 0, _pick_digit)
         return threshold | ((n_fit - 1) << SHIFT), above, at_digit - above
+
+    @triton.jit
+    def _digit_histogram(key, valid, threshold, SHIFT: tl.constexpr, BITS: tl.constexpr, NBINS: tl.constexpr):
+        """Histogram (NBINS,) of the key bits [SHIFT, SHIFT + BITS) of the valid keys whose higher bits equal
+        the threshold's (the bits decided so far)."""
+        match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
+        return tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), NBINS, mask=match)
 
     @triton.jit
     def _threshold(x_ptr, n_in, K, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, DIGIT: tl.constexpr,
@@ -146,14 +153,10 @@ def _kernels():
             valid = offs < n_in
             key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
             for p in tl.static_range((KEY_BITS + DIGIT - 1) // DIGIT):
-                if DIGIT * (p + 1) <= KEY_BITS:
-                    SHIFT = KEY_BITS - DIGIT * (p + 1)
-                    BITS = DIGIT
-                else:
-                    SHIFT = 0
-                    BITS = KEY_BITS - DIGIT * p
-                match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
-                hist = tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), NBINS, mask=match)
+                LOW = DIGIT * (p + 1)  # pass p: bits [SHIFT, SHIFT + BITS); the last pass may have fewer
+                SHIFT = (KEY_BITS - LOW) * (LOW <= KEY_BITS)
+                BITS = DIGIT - (LOW - KEY_BITS) * (LOW > KEY_BITS)
+                hist = _digit_histogram(key, valid, threshold, SHIFT, BITS, NBINS)
                 threshold, above, matching = _radix_digit(hist, threshold, above, matching, K, n_in, SHIFT)
             need = K - above  # tied entries kept: 1 <= need <= matching
             last = tl.full([], 0, tl.int32) + n_in
@@ -163,19 +166,15 @@ def _kernels():
                 last = tl.max(tl.where(tied & (rank == need), offs, -1), axis=0)
         else:
             for p in tl.static_range((KEY_BITS + DIGIT - 1) // DIGIT):
-                if DIGIT * (p + 1) <= KEY_BITS:
-                    SHIFT = KEY_BITS - DIGIT * (p + 1)
-                    BITS = DIGIT
-                else:
-                    SHIFT = 0
-                    BITS = KEY_BITS - DIGIT * p
+                LOW = DIGIT * (p + 1)  # as above
+                SHIFT = (KEY_BITS - LOW) * (LOW <= KEY_BITS)
+                BITS = DIGIT - (LOW - KEY_BITS) * (LOW > KEY_BITS)
                 hist = tl.zeros([NBINS], dtype=tl.int32)  # next digit of the matching keys
                 for start in range(0, n_in, BLOCK):
                     offs = start + tl.arange(0, BLOCK)
                     valid = offs < n_in
                     key = _key(tl.load(x_ptr + offs, mask=valid, other=0.0), KEY_BITS)
-                    match = valid & ((key >> (SHIFT + BITS)) == (threshold >> (SHIFT + BITS)))
-                    hist += tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), NBINS, mask=match)
+                    hist += _digit_histogram(key, valid, threshold, SHIFT, BITS, NBINS)
                 threshold, above, matching = _radix_digit(hist, threshold, above, matching, K, n_in, SHIFT)
             need = K - above
             last = tl.full([], 0, tl.int32) + n_in

@@ -1,0 +1,224 @@
+"""Run-time modules of a sparsified model: `TopKLinear` at every site linear, `KernelLinear` for the head, the
+output-rotation hooks (residual rotations between layers, output rotations after post-norms), the Q-Sparse
+switches, and `install_topk`, which puts them into a model from its plan.
+
+`TopKLinear` is an `nn.Linear` (same parameter names, so checkpoints keep Hugging Face keys) whose weight is
+stored input-channel-major: ``weight`` is a transpose view of a contiguous (in, out) tensor, so the decode
+kernel reads the surviving input channels as contiguous rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .config import SITES, SparsifyConfig
+from .families import Family, get_family
+from .kernels.reference import to_input_major
+from .offload import adopt_hooks
+from .plan import SparsityPlan
+from .topk import block_indices, block_keep, l2_rescale_factor, sparsify_activation
+
+ROTATION_BUFFER = "rotsparse_output_rotation"
+
+
+class TopKLinear(nn.Linear):
+    """Linear that keeps only the `keep_k` largest-magnitude inputs of each token.
+
+    Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set;
+    everything else runs the dense-masked path, which computes the same function.
+    """
+
+    input_major = True
+    """The weight is laid out input-channel-major (`rotsparse.offload` keeps it so when it reloads it)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, keep_k: int, site: str,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}")
+        if not 0 <= keep_k <= in_features:
+            raise ValueError(f"keep_k must be in [0, {in_features}], got {keep_k}")
+        self.keep_k = int(keep_k)
+        self.site = site
+        self.use_kernel = True
+        self.straight_through = True
+        self.l2_rescale = False  # Q-Sparse options, set from the plan by `apply_topk_options`
+        self.block_size = 0
+        self.weight = nn.Parameter(to_input_major(self.weight), requires_grad=self.weight.requires_grad)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_k: int, site: str) -> "TopKLinear":
+        """A TopKLinear holding (a re-laid-out copy of) `linear`'s parameters, in `linear`'s train/eval mode."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, keep_k, site, device="meta")
+        module.weight = nn.Parameter(to_input_major(linear.weight), requires_grad=linear.weight.requires_grad)
+        module.bias = linear.bias
+        return module.train(linear.training)
+
+    def _is_decode_step(self, x: torch.Tensor) -> bool:
+        return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
+                and not self.training)
+
+    @property
+    def kept_per_token(self) -> int:
+        """Entries kept per token: K, or N * (width / M) in block (N:M) mode."""
+        if self.block_size:
+            return block_keep(self.keep_k, self.in_features, self.block_size) * (self.in_features // self.block_size)
+        return self.keep_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_decode_step(x):
+            return self._decode(x)
+        if self.kept_per_token >= self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
+                                     straight_through=self.training and self.straight_through)
+        return F.linear(sparse, self.weight, self.bias)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token (in,) through the sparse kernel; block mode and L2 rescaling select the channels here and
+        apply the per-token scale ||x|| / ||kept|| to the kernel's output before the bias."""
+        weight_t = self.weight.t()
+        if not self.block_size and not self.l2_rescale:
+            return kernels.decode_topk_gemv(x, weight_t, self.bias, self.keep_k)
+        if self.block_size:
+            indices = block_indices(x.reshape(-1), block_keep(self.keep_k, self.in_features, self.block_size),
+                                    self.block_size)
+        else:
+            indices = kernels.topk_indices(x, self.keep_k)
+        output = kernels.index_gemv(x, indices, weight_t, None)
+        if self.l2_rescale:
+            flat = x.reshape(-1).float()
+            scale = l2_rescale_factor(flat, flat.index_select(0, indices))
+            output = (output.float() * scale).to(output.dtype)
+        if self.bias is not None:
+            output = output + self.bias
+        return output
+
+    def extra_repr(self) -> str:
+        options = ""
+        if self.block_size:
+            options += f", block={block_keep(self.keep_k, self.in_features, self.block_size)}:{self.block_size}"
+        if self.l2_rescale:
+            options += ", l2_rescale=True"
+        return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
+
+
+class KernelLinear(nn.Linear):
+    """A dense `nn.Linear` (the lm_head of a sparsified model) whose single-token inference steps go through
+    rotsparse's dense decode GEMV (`rotsparse.kernels.dense_gemv`, the same row-major weight: no re-layout,
+    ties to the embeddings kept); everything else is `F.linear`. Same function, same parameters and names.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "KernelLinear":
+        """A KernelLinear sharing `linear`'s parameter objects (no copy), in `linear`'s train/eval mode."""
+        module = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() == self.in_features and not self.training and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype == self.weight.dtype and self.weight.is_contiguous()
+                and not torch.is_autocast_enabled("cpu")):
+            return kernels.dense_gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def install_head_kernel(family: Family) -> None:
+    """Route the model's (dense) lm_head through the dense decode kernel (see `KernelLinear`).
+
+    Done by `install_topk` (so by `sparsify`, `load` and the benchmark's kernel-dense baseline alike: the head
+    costs the same in all). Idempotent; a no-op for anything but a plain `nn.Linear` (e.g. an already replaced
+    head, or a quantised one).
+    """
+    parent, name = family.head_slot()
+    head = getattr(parent, name, None)
+    if type(head) is not nn.Linear:
+        return
+    setattr(parent, name, adopt_hooks(head, KernelLinear.from_linear(head)))
+
+
+class SquaredReLU(nn.Module):
+    """ReLU(x)^2: with it a gated MLP computes ReLU(x W_gate)^2 * (x W_up) (Q-Sparse's choice from scratch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def apply_topk_options(model: nn.Module, config: SparsifyConfig) -> None:
+    """Make the installed Top-K sites (and MLPs) follow `config`'s Q-Sparse switches (`l2_rescale`,
+    `block_size`, `mlp_activation`). Idempotent; called after the TopKLinears are installed (`install_topk`)
+    and by `rotsparse.recovery.configure`."""
+    sites = [m for m in model.modules() if isinstance(m, TopKLinear)]
+    if config.block_size:
+        bad = sorted({m.in_features for m in sites if m.in_features % config.block_size})
+        if bad:
+            raise ValueError(f"block_size {config.block_size} does not divide the Top-K input widths {bad}")
+    for module in sites:
+        module.l2_rescale = bool(config.l2_rescale)
+        module.block_size = int(config.block_size)
+    layers = get_family(model).layer_views()
+    if config.mlp_activation == "relu2":
+        for layer in layers:
+            if not isinstance(layer.mlp_activation, SquaredReLU):
+                layer.set_mlp_activation(SquaredReLU())
+    elif config.mlp_activation is None and any(isinstance(layer.mlp_activation, SquaredReLU) for layer in layers):
+        raise ValueError("the MLPs already use squared ReLU; it cannot be switched back in place")
+
+
+def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x (..., d) @ rotation (d, d); a single inference token goes through the dense decode kernel."""
+    rotation = rotation.to(x.dtype)
+    if x.numel() == rotation.shape[0] and not torch.is_grad_enabled() and rotation.is_contiguous():
+        return kernels.decode_topk_gemv(x, rotation, None, rotation.shape[0])
+    return x @ rotation
+
+
+def _rotate_output_hook(module: nn.Module, args, output):
+    rotation = getattr(module, ROTATION_BUFFER)
+    if isinstance(output, tuple):
+        return (rotate_rows(output[0], rotation),) + tuple(output[1:])
+    return rotate_rows(output, rotation)
+
+
+def attach_output_rotation(module: nn.Module, rotation: torch.Tensor) -> None:
+    """Multiply `module`'s output (row vectors, last dim d) by `rotation` (d, d), kept as a buffer.
+
+    Used for the residual rotations Q_l^T Q_{l+1} on decoder layers and for Gemma-3's post-norms.
+    """
+    if hasattr(module, ROTATION_BUFFER):
+        raise RuntimeError(f"{type(module).__name__} already has an output rotation")
+    module.register_buffer(ROTATION_BUFFER, rotation)
+    module.register_forward_hook(_rotate_output_hook)
+
+
+def install_topk(family: Family, plan: SparsityPlan) -> None:
+    """Replace every site linear by a `TopKLinear` with the plan's K (per reader linear where the plan has
+    them), apply the plan's Q-Sparse switches, and route the (dense) lm_head through the dense decode kernel
+    (`KernelLinear`: same weight, same function)."""
+    layers = family.layer_views()
+    if len(plan.keep_k) != len(layers):
+        raise ValueError(f"plan has {len(plan.keep_k)} layers, model has {len(layers)}")
+    for index, layer in enumerate(layers):
+        for position, site in enumerate(SITES):
+            linears = layer.site_linears()[site]
+            for (parent, name), keep_k in zip(linears, plan.site_reader_keep_k(index, position, len(linears))):
+                linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
+                setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
+    apply_topk_options(family.model, plan.config)
+    install_head_kernel(family)
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> None:
+    """Switch the sparse decode kernels on or off (off: the dense-masked path, same function)."""
+    for module in model.modules():
+        if isinstance(module, TopKLinear):
+            module.use_kernel = enabled
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return any(isinstance(m, TopKLinear) for m in model.modules())
