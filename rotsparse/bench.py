@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from .api import sparsify
 from .budget import allocate_keep_k
+from .compiled import compile as compile_model, compile_function, eager_forward, is_compiled
 from .config import SparsifyConfig
 from .families import get_family
 from .plan import SparsityPlan, attach_plan, plan_of, site_sizes_for
@@ -85,31 +86,51 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
     return {"layers": layers, "model": layers + head}
 
 
-def _prefilled(model: nn.Module, prompt: torch.Tensor, layers_only: bool):
-    """(runner, KV cache) after a prefill of `prompt` (1, p); runner is the decoder stack when `layers_only`."""
-    runner = get_family(model).decoder if layers_only else model
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        runner(input_ids=prompt, past_key_values=cache, use_cache=True)
-    return runner, cache
+class _Runner:
+    """One timed configuration: a model (or its decoder stack, `layers_only`) with its own KV cache.
 
+    Eager: a `DynamicCache`, as Hugging Face decodes by default. Compiled (`compile_options`): a `StaticCache`
+    (every decode step has the same shapes), an explicit cache position per step, the prefill run eagerly and the
+    decode steps through the compiled forward (the model's own, from `rotsparse.compile`; the decoder stack's
+    compiled here the same way).
+    """
 
-def _step_ms(runner: nn.Module, token: torch.Tensor, cache) -> float:
-    """One timed single-token decode step (ms); on an accelerator, from launch until the step has finished."""
-    synchronize = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        synchronize()
-        start = time.perf_counter()
-        runner(input_ids=token, past_key_values=cache, use_cache=True)
-        synchronize()
-        return (time.perf_counter() - start) * 1000
+    def __init__(self, model: nn.Module, layers_only: bool, compile_options: dict | None, max_cache_len: int):
+        self.model = model
+        module = get_family(model).decoder if layers_only else model
+        self.static = compile_options is not None
+        self.prefill = self.step = module
+        if self.static and layers_only:
+            self.step = compile_function(module.__call__, **compile_options)
+        elif self.static:
+            if not is_compiled(model):
+                compile_model(model, **compile_options)
+            self.prefill = eager_forward(model)
+        self.max_cache_len = max_cache_len
 
+    def start(self, prompt: torch.Tensor):
+        """A fresh KV cache after a prefill of `prompt` (1, p): the state of one timed sequence."""
+        if self.static:
+            cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        else:
+            cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.prefill(input_ids=prompt, past_key_values=cache, use_cache=True)
+        return [cache, prompt.shape[1]]
 
-def _decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, tokens: int, layers_only: bool) -> float:
-    """One model alone (used for warm-up): prefill `prompt` (1, p), then the mean of `tokens` timed steps."""
-    runner, cache = _prefilled(model, prompt, layers_only)
-    next_token = prompt[:, -1:]
-    return sum(_step_ms(runner, next_token, cache) for _ in range(tokens)) / tokens
+    def step_ms(self, token: torch.Tensor, state) -> float:
+        """One timed single-token decode step (ms); on an accelerator, from launch until the step has finished."""
+        cache, position = state
+        extra = {"cache_position": torch.tensor([position], device=token.device)} if self.static else {}
+        synchronize = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
+        with torch.no_grad():
+            synchronize()
+            start = time.perf_counter()
+            self.step(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+            synchronize()
+            elapsed = (time.perf_counter() - start) * 1000
+        state[1] = position + 1
+        return elapsed
 
 
 @dataclass(frozen=True)
@@ -132,41 +153,51 @@ class DecodeBenchmark:
     tokens: int
     repeats: int
     threads: int
+    compiled: bool = False
+    compile_mode: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repeats: int = 5, prompt_length: int = 16,
-                     warmup_tokens: int = 8, seed: int = 0, kernel_dense: nn.Module | None = None) -> DecodeBenchmark:
+                     warmup_tokens: int = 8, seed: int = 0, kernel_dense: nn.Module | None = None,
+                     compile_mode: str | None = None, compile_backend: str = "inductor") -> DecodeBenchmark:
     """Interleave dense and sparse decode timings (whole model and decoder stack) step by step; medians over
     `repeats`.
 
     kernel_dense: optionally, the dense model run through rotsparse's own kernel at K = in (see
     `structural_sparse_copy` at sparsity 0), a baseline that isolates what sparsity buys from what a
     better GEMV buys.
+    compile_mode: time compiled decode instead (`rotsparse.compile` with this mode, fullgraph, on every model
+    alike, in place; a static KV cache): every speed-up is then compiled sparse vs compiled dense.
+    compile_backend: the ``torch.compile`` backend of `compile_mode` (tests use ``"aot_eager"``).
     """
     plan = plan_of(sparse)
     vocab = dense.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(dense.get_input_embeddings().weight.device)
     models = {"dense": dense, "sparse": sparse} | ({"kernel_dense": kernel_dense} if kernel_dense else {})
-    for model in models.values():
-        _decode_ms_per_token(model, prompt, warmup_tokens, layers_only=False)
+    compile_options = None if compile_mode is None else dict(mode=compile_mode, backend=compile_backend)
+    max_cache_len = prompt_length + max(tokens, warmup_tokens)
+    configs = [(name, layers_only) for name in models for layers_only in (False, True)]
+    runners = {config: _Runner(models[config[0]], config[1], compile_options, max_cache_len) for config in configs}
+    next_token = prompt[:, -1:]
+    for runner in runners.values():  # warm-up (and, compiled, the compilation of every decode step)
+        state = runner.start(prompt)
+        for _ in range(warmup_tokens):
+            runner.step_ms(next_token, state)
     # Interleaved step by step: every timed configuration (model x whole/layers) has its own KV cache and
     # they take turns one decode step at a time (order reversed every step), so load from other jobs and
     # drifts in memory bandwidth hit all of them alike. One repeat = `tokens` steps of each; its mean is one
     # sample, and the medians over repeats are reported.
-    configs = [(name, layers_only) for name in models for layers_only in (False, True)]
     timings = {key: [] for name in models for key in (name, f"{name}_layers")}
-    next_token = prompt[:, -1:]
     for _ in range(repeats):
-        states = {config: _prefilled(models[config[0]], prompt, config[1]) for config in configs}
+        states = {config: runners[config].start(prompt) for config in configs}
         totals = dict.fromkeys(configs, 0.0)
         for step in range(tokens):
             for config in (configs if step % 2 == 0 else configs[::-1]):
-                runner, cache = states[config]
-                totals[config] += _step_ms(runner, next_token, cache)
+                totals[config] += runners[config].step_ms(next_token, states[config])
         for (name, layers_only), total in totals.items():
             timings[f"{name}_layers" if layers_only else name].append(total / tokens)
         del states
@@ -189,7 +220,7 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
         layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],
         dtype=str(dtype).removeprefix("torch."), device=str(prompt.device), tokens=tokens, repeats=repeats,
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), compiled=compile_mode is not None, compile_mode=compile_mode,
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .api import sparsify
 from .bench import benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
+from .compiled import MODES
 from .config import AutoOptions, SparsifyConfig
 from .data import load_texts
 from .evaluation import perplexity, zero_shot
@@ -109,6 +110,13 @@ def _sparsify_settings(args) -> dict:
     return settings | {"calibration": args.calibration or "embedded"}
 
 
+def _add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=MODES, metavar="MODE",
+                        help="time compiled decode: dense and sparse alike through rotsparse.compile (torch.compile, "
+                             "fullgraph) with a static KV cache; MODE: " + ", ".join(MODES)
+                             + " (default without MODE: reduce-overhead)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotsparse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "speed-up, offline")
     run.add_argument("--max-tokens", type=int, default=None, help="cap on evaluation tokens (default: all held-out text)")
     run.add_argument("--bench-tokens", type=int, default=32, help="decode steps per timing repeat (default 32)")
+    _add_compile_option(run)
 
     sparsify_parser = command("sparsify", "sparsify a model and save it to a directory")
     sparsify_parser.add_argument("--out", required=True, help="output directory (weights, tokenizer, rotsparse plan)")
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=64, help="decode steps per repeat (default 64)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported (default 5)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    _add_compile_option(bench)
 
     recover = command("recover", "Q-Sparse recovery training of a sparsified model")
     recover.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -201,7 +211,7 @@ def run_command(args) -> dict:
     dense_ppl = perplexity(dense, tokenizer, texts, max_tokens=args.max_tokens, progress=progress)
     sparse = sparse_copy(dense, {"tokenizer": tokenizer, "progress": progress, **_sparsify_settings(args)})
     sparse_ppl = perplexity(sparse, tokenizer, texts, max_tokens=args.max_tokens, progress=progress)
-    speed = benchmark_decode(dense, sparse, tokens=args.bench_tokens, repeats=3)
+    speed = benchmark_decode(dense, sparse, tokens=args.bench_tokens, repeats=3, compile_mode=args.compile)
     plan = plan_of(sparse)
     return {
         "model": args.model, "method": plan.config.method, "sparsity": plan.config.sparsity,
@@ -209,7 +219,7 @@ def run_command(args) -> dict:
         "ppl_gap": sparse_ppl.ppl - dense_ppl.ppl, "eval_tokens": sparse_ppl.tokens,
         "calibration_tokens": plan.calibration_tokens,
         "dense_ms_per_token": speed.dense_ms_per_token, "sparse_ms_per_token": speed.sparse_ms_per_token,
-        "decode_speedup": speed.speedup, "bytes_limit_speedup": speed.bytes_limit_speedup,
+        "decode_speedup": speed.speedup, "bytes_limit_speedup": speed.bytes_limit_speedup, "compiled": speed.compiled,
         "seconds": time.perf_counter() - start,
     }
 
@@ -241,7 +251,8 @@ def bench_command(args) -> dict:
             get_family(dense).keep_layers(args.layers)
         sparse = sparse_copy(dense, {"tokenizer": tokenizer, "progress": not args.quiet, **_sparsify_settings(args)})
     kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
-    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense)
+    result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense,
+                              compile_mode=args.compile)
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
     return {"model": args.model, "layers": len(family.layers), "residual_adapters": rotations, **result.to_dict()}

@@ -28,7 +28,9 @@ class TopKLinear(nn.Linear):
     """Linear that keeps only the `keep_k` largest-magnitude inputs of each token.
 
     Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set;
-    everything else runs the dense-masked path, which computes the same function.
+    everything else (prefill, batch > 1, training) runs the dense-masked path, which computes the same function.
+    The choice depends on the input's shape and the modes only, never on values, so under `torch.compile` each
+    graph takes one path without a graph break (`rotsparse.compiled`).
     """
 
     input_major = True

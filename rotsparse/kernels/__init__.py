@@ -196,10 +196,12 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     """True when the implementation can be called directly instead of through the
     custom op: plain tensors, eager mode (no torch.compile / tracing / dispatch
     modes) and nothing that autograd must record."""
+    if torch.compiler.is_compiling():  # first: under dynamo the rest would only be traced
+        return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:
             return False  # tensor subclasses (FakeTensor, FunctionalTensor, DTensor, ...)
-    if torch.compiler.is_compiling() or _dispatch_modes_active():
+    if _dispatch_modes_active():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False

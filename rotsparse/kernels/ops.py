@@ -69,6 +69,7 @@ def _index_gemv_op(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[
 
 @_index_gemv_op.register_fake
 def _index_gemv_fake(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -79,6 +80,8 @@ def _topk_indices_op(x: Tensor, keep_k: int) -> Tensor:
 
 @_topk_indices_op.register_fake
 def _topk_indices_fake(x: Tensor, keep_k: int) -> Tensor:
+    torch._check(keep_k >= 0)
+    torch._check(keep_k <= x.shape[-1])
     return x.new_empty((keep_k,), dtype=torch.long)
 
 
