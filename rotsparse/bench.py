@@ -17,7 +17,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from .api import sparsify
 from .budget import allocate_keep_k
-from .compiled import compile as compile_model, compile_function, eager_forward, is_compiled
+from .compiled import compile as compile_model, compile_function, eager_forward
 from .config import SparsifyConfig
 from .families import get_family
 from .plan import SparsityPlan, attach_plan, plan_of, site_sizes_for
@@ -103,8 +103,7 @@ class _Runner:
         if self.static and layers_only:
             self.step = compile_function(module.__call__, **compile_options)
         elif self.static:
-            if not is_compiled(model):
-                compile_model(model, **compile_options)
+            compile_model(model, **compile_options)  # (again, from its eager forward, if it was compiled before)
             self.prefill = eager_forward(model)
         self.max_cache_len = max_cache_len
 
