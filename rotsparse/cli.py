@@ -25,7 +25,7 @@ from .config import AutoOptions, SparsifyConfig
 from .data import load_texts
 from .evaluation import perplexity, zero_shot
 from .families import get_family
-from .io import save
+from .io import check_save_target, save
 from .models import load_model
 from .plan import plan_of
 from .recovery import recover_pretrained
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sparsify_parser = command("sparsify", "sparsify a model and save it to a directory")
     sparsify_parser.add_argument("--out", required=True, help="output directory (weights, tokenizer, rotsparse plan)")
+    sparsify_parser.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
 
     evaluate = command("eval", "dense and sparse perplexity, gap, effective sparsity")
     evaluate.add_argument("--data", default="embedded", help="evaluation DATA (default: embedded held-out part)")
@@ -226,8 +227,9 @@ def run_command(args) -> dict:
 
 def sparsify_command(args) -> dict:
     model, tokenizer = _load(args)
+    check_save_target(model, args.out, args.overwrite)  # before calibrating, not after
     sparsify(model, tokenizer, progress=not args.quiet, **_sparsify_settings(args))
-    save(model, args.out, tokenizer)
+    save(model, args.out, tokenizer, overwrite=args.overwrite)
     plan = plan_of(model)
     return {"model": args.model, "out": args.out, "method": plan.config.method,
             "effective_sparsity": plan.effective_sparsity}
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     try:
         record = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError,
+            FloatingPointError) as error:
         print(f"rotsparse {args.command}: error: {error}", file=sys.stderr)
         return 2
     _print_record(record, args.json)

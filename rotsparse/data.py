@@ -37,19 +37,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 __all__ = [
+    "DatasetText",
     "EMBEDDED_EVAL_EVERY",
     "EMBEDDED_EVAL_OFFSET",
     "HUB_ALIASES",
     "bos_token_id",
     "calibration_batch",
+    "dataset_texts",
     "embedded_texts",
     "load_texts",
     "token_stream",
@@ -115,7 +119,8 @@ def embedded_texts(part: Part = "calibration") -> list[str]:
 def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibration") -> list[str]:
     """Load documents from ``source`` as a list of strings.
 
-    ``source`` is ``"embedded"`` (the given ``part``), a list of strings
+    ``source`` is ``"embedded"`` (the given ``part``), a `DatasetText` or a
+    ``datasets.Dataset`` (its ``"text"`` column; see `dataset_texts`), a list of strings
     (returned as a list after checking), a path to a ``.txt`` (documents
     separated by blank lines), ``.jsonl`` (a ``"text"`` field per line) or
     ``.parquet`` file (a ``"text"`` column), or a hub dataset name
@@ -124,6 +129,8 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
     split for evaluation).  Local files are the same for both parts.
     """
     _check_part(part)
+    if isinstance(source, DatasetText) or _is_dataset(source):
+        return dataset_texts(source)
     if isinstance(source, (list, tuple)):
         return _check_text_list(source, origin="the given list")
     if not isinstance(source, (str, os.PathLike)):
@@ -136,6 +143,42 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
     if _looks_local(source):
         return _load_local(Path(source).expanduser())
     return _load_hub(str(source), part)
+
+
+@dataclass(frozen=True)
+class DatasetText:
+    """One column of one split of a ``datasets.load_dataset`` dataset, as a text source for `load_texts`.
+
+    E.g. ``DatasetText("wikitext", name="wikitext-2-raw-v1", split="train")`` or, offline,
+    ``DatasetText("json", data_files="texts.jsonl", column="body")``.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    column: str = "text"
+    data_files: str | Sequence[str] | None = None
+
+
+def _is_dataset(source) -> bool:
+    """Whether `source` is a ``datasets.Dataset`` (without importing datasets: one can only exist once it is)."""
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(source, datasets.Dataset)
+
+
+def dataset_texts(source) -> list[str]:
+    """The texts of a `DatasetText`, or of the ``"text"`` column of a ``datasets.Dataset``."""
+    if isinstance(source, DatasetText):
+        import datasets
+
+        options = {"data_files": source.data_files} if source.data_files is not None else {}
+        dataset = datasets.load_dataset(source.path, source.name, split=source.split, **options)
+        column, origin = source.column, f"dataset {source.path!r} split {source.split!r}"
+    else:
+        dataset, column, origin = source, "text", "the given datasets.Dataset"
+    if column not in dataset.column_names:
+        raise ValueError(f"{origin} has no {column!r} column (columns: {', '.join(dataset.column_names)})")
+    return _check_text_list([text for text in dataset[column] if text is not None], origin=origin)
 
 
 def _check_part(part: str) -> None:

@@ -1,7 +1,8 @@
 """What calibration decided (`SparsityPlan`), the sizes it is accounted in, and where a model keeps it.
 
 The plan (with its config) is attached to the model (``model.rotsparse_plan``) and to its config, so that
-``save_pretrained`` writes it into config.json under ``"rotsparse"``.
+``save_pretrained`` writes it into config.json under ``"rotsparse"``, with the ``quantization_config`` that makes
+``from_pretrained`` rebuild the sparse model (`rotsparse.hf_quantizer`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .families import Family
 FORMAT_VERSION = 1
 PLAN_ATTRIBUTE = "rotsparse_plan"
 CONFIG_KEY = "rotsparse"
+QUANT_METHOD = "rotsparse"
+"""``quant_method`` of the ``quantization_config`` of a saved sparse model (`rotsparse.hf_quantizer`)."""
 
 Sizes = tuple[tuple[int, int], ...]
 """(input width, parameters) per site, or per reader linear of a site."""
@@ -175,10 +178,21 @@ def site_sizes_for(family: Family) -> tuple[Sizes, ...]:
     return tuple(site_sizes_from_readers(layer) for layer in reader_sizes_for(family))
 
 
+def quantization_section() -> dict:
+    """config.json's ``quantization_config`` of a sparse model: a pointer to the plan section (`CONFIG_KEY`).
+
+    A plain dict (transformers turns it into the registered `rotsparse.hf_quantizer.RotsparseConfig` when it
+    loads the folder); it equals ``RotsparseConfig().to_dict()``.
+    """
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "plan_key": CONFIG_KEY}
+
+
 def attach_plan(model: nn.Module, plan: SparsityPlan) -> None:
-    """Attach the plan to the model, and to its config so that `save_pretrained` writes it."""
+    """Attach the plan to the model, and to its config so that `save_pretrained` writes it (with the
+    ``quantization_config`` that makes ``from_pretrained`` rebuild the sparse model, `quantization_section`)."""
     setattr(model, PLAN_ATTRIBUTE, plan)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
+    model.config.quantization_config = quantization_section()
 
 
 def plan_of(model: nn.Module) -> SparsityPlan:
@@ -189,15 +203,32 @@ def plan_of(model: nn.Module) -> SparsityPlan:
     return plan
 
 
+class CheckpointError(ValueError):
+    """A saved folder that does not hold what its plan says (missing, extra or bad tensors, bad plan)."""
+
+
+def plan_from_section(section, source: str) -> SparsityPlan:
+    """A `SparsityPlan` from config.json's ``"rotsparse"`` section; CheckpointError naming `source` if malformed."""
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{source}: the {CONFIG_KEY!r} section is {type(section).__name__}, not a JSON object")
+    try:
+        return SparsityPlan.from_dict(section)
+    except ValueError as error:  # an unknown format version, or values that do not fit together
+        raise CheckpointError(f"{source}: {error}") from error
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{source}: malformed rotsparse plan: {type(error).__name__}: {error}") from error
+
+
 def read_plan(directory: str | Path) -> SparsityPlan:
-    """The plan saved in `directory`'s config.json; clear errors for missing files or unknown versions."""
+    """The plan saved in `directory`'s config.json; FileNotFoundError without one, ValueError for a folder that
+    holds no rotsparse model, CheckpointError naming the file for invalid JSON or a bad plan."""
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: not a saved model directory")
     try:
-        section = json.loads(config_path.read_text()).get(CONFIG_KEY)
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if section is None:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or CONFIG_KEY not in config:
         raise ValueError(f"{directory} holds no rotsparse model (config.json has no {CONFIG_KEY!r} section)")
-    return SparsityPlan.from_dict(section)
+    return plan_from_section(config[CONFIG_KEY], str(config_path))
