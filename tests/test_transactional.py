@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM
 import rotsparse
 from rotsparse import api, fold, measure, runtime
 from rotsparse.config import SparsifyConfig
+from rotsparse.evaluation import zero_shot
 from rotsparse.measure import LossSensitivity
+from rotsparse.models import load_model
 from rotsparse.runtime import TopKLinear
 
-from tiny_models import FAMILIES, random_tokens, tiny_model
+from tiny_models import FAMILIES, random_tokens, tiny_model, tiny_tokenizer
 
 CALIBRATION = random_tokens(num_sequences=4, length=24, seed=3)
 SETTINGS = dict(sparsity=0.5, error_tokens=64, progress=False, calibration=CALIBRATION)
@@ -231,3 +233,22 @@ def test_the_seed_still_makes_calibration_reproducible():
                                  config=SparsifyConfig(error_tokens=32, seed=3), progress=False)
     for a, b in zip(first.layers, second.layers):
         assert all(torch.equal(x, y) for x, y in zip(a.curves["h1"], b.curves["h1"]))
+
+
+def test_loading_and_zero_shot_leave_the_global_rngs_and_loggers_alone(tmp_path):
+    for name in ("lm_eval", "lm_eval.models.huggingface", "lm_eval.tasks", "datasets"):  # their import-time defaults
+        pytest.importorskip(name, reason="lm_eval not installed (pip install 'rotsparse[eval]')")
+    from test_evaluation import local_task_dir
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    names = ["", "rotsparse", "transformers", "lm-eval", "lm_eval", "datasets"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    torch.manual_seed(4321)
+    state = torch.get_rng_state()
+    loaded, loaded_tokenizer = load_model(tmp_path / "model")
+    zero_shot(loaded, loaded_tokenizer, ["rotsparse_tiny_facts"], include_path=local_task_dir(tmp_path),
+              include_defaults=False, limit=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {name: logging.getLogger(name).level for name in names} == levels
