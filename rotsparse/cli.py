@@ -33,7 +33,7 @@ from .data import load_texts, looks_local
 from .evaluation import perplexity, zero_shot
 from .families import get_family
 from .io import save
-from .models import check_model_spec, load_model
+from .models import check_model_spec, hub_offline, load_model
 from .plan import plan_of
 from .recovery import recover_pretrained
 from .runtime import ROTATION_BUFFER
@@ -315,8 +315,9 @@ def _check_device(name: str) -> None:
 
 
 def _check_text_source(flag: str, source: str, part: str) -> None:
-    """Read a local DATA file now (missing, empty, undecodable or malformed files are usage errors)."""
-    if source != "embedded" and looks_local(source):
+    """Read a local DATA file now (missing, empty, undecodable or malformed files are usage errors); with
+    ``HF_HUB_OFFLINE`` a hub dataset too (from the cache, or a fast error)."""
+    if source != "embedded" and (looks_local(source) or hub_offline()):
         try:
             load_texts(source, part=part)
         except (OSError, ValueError, TypeError, ImportError) as error:
@@ -409,7 +410,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = " ".join(str(error).split())
+    if not message:
+        return type(error).__name__
     return message if isinstance(error, (UsageError, ValueError, FileNotFoundError)) else \
         f"{type(error).__name__}: {message}"
 

@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import rotsparse
-from rotsparse import data, measure, models
+from rotsparse import cli, data, measure, models
 from rotsparse.cli import json_safe, main
 from rotsparse.config import AutoOptions, SparsifyConfig
 
@@ -251,3 +251,27 @@ def test_json_is_strict_and_the_only_thing_on_stdout(files, capsys):
     assert record["method"] == "topk" and record["data"] == str(files / "notes")
     assert json_safe({"a": float("nan"), "b": (float("inf"), 1.5), "c": torch.tensor(2.0)}) == \
         {"a": None, "b": [None, 1.5], "c": 2.0}
+
+
+def test_offline_hub_dataset_fails_before_the_model_loads(files, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    assert main(["eval", "--model", str(files / "model"), "--sparsity", "0.4",
+                 "--data", "nobody/no-such-dataset"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data nobody/no-such-dataset" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("raised,code,text", [(KeyboardInterrupt(), 130, "interrupted"),
+                                              (RuntimeError("disk full"), 1, "RuntimeError: disk full"),
+                                              (MemoryError(), 1, "MemoryError")])
+def test_runtime_failures_are_one_line_with_exit_code_1(files, monkeypatch, capsys, raised, code, text):
+    def fail(args):
+        raise raised
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", fail)
+    assert main(["eval", "--model", str(files / "model"), "--sparsity", "0.4"]) == code
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [f"rotsparse eval: error: {text}"]
