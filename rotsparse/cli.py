@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from . import __version__
 from .api import sparsify
@@ -341,6 +342,26 @@ def _check_output_dir(flag: str, out: str) -> None:
     shutil.rmtree(probe, ignore_errors=True)
 
 
+def _check_block_size(args) -> None:
+    """--block-size against the site widths in a local model folder's config.json (before loading weights;
+    other models are checked by `sparsify` itself before it changes anything)."""
+    block_size = getattr(args, "block_size", None)
+    path = Path(args.model).expanduser()
+    if not block_size or not (path / "config.json").is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(path).get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        widths = sorted({config.hidden_size, heads * head_dim, config.intermediate_size})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # `load_model` names an unreadable config
+    bad = [width for width in widths if width % block_size]
+    if bad:
+        raise UsageError(f"--block-size {block_size} does not divide the Top-K input widths {bad} of {args.model} "
+                         f"(all widths: {widths})")
+
+
 def check_args(args) -> None:
     """Every check of the parsed flags that needs no model: settings, numbers, device, paths, DATA files.
     Raises `UsageError` naming the flag."""
@@ -366,6 +387,7 @@ def check_args(args) -> None:
             check_model_spec(args.model)
         except (OSError, ValueError, TypeError) as error:
             raise UsageError(f"--model {args.model}: {error}") from None
+    _check_block_size(args)
     if args.calibration is not None:
         _check_text_source("--calibration", args.calibration, "calibration")
     data = getattr(args, "data", None)

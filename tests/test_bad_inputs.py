@@ -179,6 +179,7 @@ def cli_rows():
     rows = [  # (id, argv with {dir} for the files folder, exit code, text on the one stderr line)
         ("sparsity above 1", ["eval", "--model", "{dir}/model", "--sparsity", "1.4"], 2, "--sparsity"),
         ("negative block size", ["eval", "--model", "{dir}/model", "--block-size", "-2"], 2, "--block-size"),
+        ("block size not dividing", ["eval", "--model", "{dir}/model", "--block-size", "7"], 2, "--block-size 7"),
         ("unknown method", ["eval", "--model", "{dir}/model", "--method", "nope"], 2, "--method"),
         ("unknown flag", ["eval", "--bogus"], 2, "--bogus"),
         ("unknown rotation", ["eval", "--model", "{dir}/model", "--auto-rotations", "spin"], 2, "--auto-rotations"),
