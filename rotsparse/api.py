@@ -51,6 +51,9 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
     With ``auto``'s structure check (`AutoOptions.structure_check`), each candidate structure is
     sparsified on a copy of the model (one extra copy in memory at a time) and scored on the held-out check
     sequences; an accelerate-offloaded model skips the check (logged) and takes the error proxy's choice.
+    All-or-nothing: every setting is checked (`validate`) and the calibration text read before the model is
+    touched; after that, any exception (KeyboardInterrupt and MemoryError included) restores the model exactly
+    (`rotsparse.undo.all_or_nothing`; docs/reliability.md) and propagates.
     """
     config = _make_config(config, sparsity, method, config_fields)
     family = validate(model, tokenizer, calibration, config, calibrated, progress)
