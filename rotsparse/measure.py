@@ -203,6 +203,12 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
     sensitivity = None
     if options.loss_weighted:
         sensitivity = loss_sensitivity(model, family, input_ids, attention_mask, progress)
+        for index, per_site in enumerate(sensitivity.fisher):
+            for site, values in per_site.items():
+                for reader, value in enumerate(values):
+                    if not torch.isfinite(torch.as_tensor(value)).all():
+                        raise FloatingPointError(f"non-finite values (NaN/Inf) in the loss sensitivity (Fisher) of "
+                                                 f"site {site} reader {reader} of decoder layer {index}")
     shared_bases = [{} for _ in family.layers]
     if "global" in options.rotations or any(run_length(name) for name in options.rotations):
         shared_bases = _shared_bases(options.rotations,
@@ -227,8 +233,11 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
         def select(row: int, mask: torch.Tensor) -> None:
             current[:] = [positions[row], mask]
 
-        with _site_samples(layer, moments, samples, current):
-            step.outputs = step.run(before_each=select)
+        try:
+            with _site_samples(layer, moments, samples, current):
+                step.outputs = step.run(before_each=select)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"decoder layer {step.index}: {error} (second moments)") from error
         tokens = moments["h1"].tokens
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
