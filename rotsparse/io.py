@@ -16,6 +16,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+try:  # transformers >= 5: checkpoints are written in the original layout, not the loaded one
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:
+    revert_weight_conversion = None
+
 from .families import get_family
 from .offload import execution_device
 from .plan import CONFIG_KEY, attach_plan, plan_of, read_plan, site_sizes_for
@@ -49,12 +54,20 @@ def _read_checkpoint(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[
     return shapes, rotations
 
 
+def _as_saved(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` as `save_pretrained` writes it: transformers 5 reverts its load-time conversions (e.g. batched
+    mixture-of-experts weights back to per-expert tensors); earlier versions write it unchanged."""
+    if revert_weight_conversion is None:
+        return state_dict
+    return revert_weight_conversion(model, state_dict)
+
+
 def _check_weights(directory: Path, saved_shapes: dict[str, tuple[int, ...]]) -> None:
     """Compare saved tensor names and shapes with what the saved config builds; name every difference."""
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    tensors = skeleton.state_dict(keep_vars=True)
+    tensors = _as_saved(skeleton, skeleton.state_dict(keep_vars=True))
     expected = {key: tuple(value.shape) for key, value in tensors.items()}
     tied_groups: dict[int, list[str]] = {}
     for key, value in tensors.items():
