@@ -206,3 +206,19 @@ def test_squared_relu_reaches_fused_and_expert_mlps(family):
     activations = [layer.mlp_activation for layer in get_family(model).layer_views()]
     assert activations and all(isinstance(activation, SquaredReLU) for activation in activations)
     assert torch.isfinite(logits(model, random_tokens(length=16))).all()
+
+
+@pytest.mark.parametrize("family", ["phi3", "olmo2"])
+def test_relative_error_scaling_reads_the_producer_rows(family):
+    """Unweighted (relative-error) scaling scales the h2/h4 producers' rows inside the h1/h3 readers while
+    measuring: for Phi-3 the v rows of qkv_proj and the up half of gate_up_proj. Exact at sparsity 0."""
+    model = tiny_model(family)
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    options = AutoOptions(rotations=("identity", "pca"), loss_weighted=False, value_rotation=False,
+                          structure_check=False)
+    rotsparse.sparsify(model, sparsity=0.0, options=options, calibration=random_tokens(seed=7), progress=False)
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    sparse = rotsparse.sparsify(tiny_model(family), sparsity=0.5, options=options, calibration=random_tokens(seed=7),
+                                progress=False)
+    assert abs(sparse.rotsparse_plan.effective_sparsity - 0.5) < 0.02
