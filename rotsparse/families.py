@@ -79,8 +79,6 @@ def register_family(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
-
-
 def _module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
@@ -151,11 +149,15 @@ class Layer(_View):
         roles = {"h1": (spec.q, spec.k, spec.v), "h2": (spec.o,), "h3": (spec.gate, spec.up), "h4": (spec.down,)}
         return {site: [_slot(self.layer, path) for path in paths if path is not None] for site, paths in roles.items()}
 
+    def _linear_roles(self) -> tuple[str, ...]:
+        """The spec roles naming this layer's site linears."""
+        return ("q", "k", "v", "o", "gate", "up", "down")
+
     def missing(self) -> list[str]:
-        """What this layer lacks of its spec: "role 'path' (found instead)" for every site linear that is not an
-        `nn.Linear` and every named norm or module that does not exist (empty: the layer can be sparsified)."""
+        """What this layer lacks of its spec: "role 'path' (why)" for every site linear that does not exist or is
+        not a linear layer and every named norm or module that does not exist (empty: it can be sparsified)."""
         spec, missing = self.spec, []
-        for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        for role in self._linear_roles():
             path = getattr(spec, role)
             if path is None:
                 continue
@@ -329,8 +331,8 @@ class ExpertsLayer(Layer):
         modules = super().site_modules()
         experts = self.experts
         if experts is not None:
-            active, (_, double_intermediate, hidden) = _module(self.layer, self.spec.router).top_k, \
-                experts.gate_up_proj.shape
+            active = _module(self.layer, self.spec.router).top_k
+            _, double_intermediate, hidden = experts.gate_up_proj.shape
             modules["h3"] = [ExpertsReader(hidden, active * double_intermediate)]
             modules["h4"] = [ExpertsReader(double_intermediate // 2, active * hidden)]
         return modules
@@ -339,11 +341,13 @@ class ExpertsLayer(Layer):
         """(parent, attribute) of the experts module, for replacing it."""
         return _slot(self.layer, self.spec.experts)
 
+    def _linear_roles(self) -> tuple[str, ...]:
+        return super()._linear_roles() if self.experts is None else ("q", "k", "v", "o")
+
     def missing(self) -> list[str]:
-        experts = self.experts
+        missing, experts = super().missing(), self.experts
         if experts is None:
-            return super().missing()
-        missing = [entry for entry in super().missing() if entry.split()[0] not in ("gate", "up", "down")]
+            return missing
         for name in ("gate_up_proj", "down_proj", self.spec.expert_activation):
             if not hasattr(experts, name):
                 missing.append(f"experts {self.spec.experts!r} without {name}")

@@ -222,3 +222,12 @@ def test_relative_error_scaling_reads_the_producer_rows(family):
     sparse = rotsparse.sparsify(tiny_model(family), sparsity=0.5, options=options, calibration=random_tokens(seed=7),
                                 progress=False)
     assert abs(sparse.rotsparse_plan.effective_sparsity - 0.5) < 0.02
+
+
+def test_moe_experts_without_batched_weights_are_refused_with_what_is_missing():
+    """transformers 4.x keeps experts as a list of linears: the family names the batched weights it lacks."""
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(4)])
+    with pytest.raises(NotImplementedError, match="experts 'mlp.experts' without gate_up_proj; .* without down_proj"):
+        rotsparse.sparsify(model, sparsity=0.5, method="topk", progress=False)
