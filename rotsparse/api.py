@@ -21,7 +21,7 @@ from torch import nn
 from .budget import allocate_keep_k
 from .choose import ReaderKeepK, choose_value_rotations, planned
 from .config import AutoOptions, SparsifyConfig
-from .data import calibration_batch, load_texts
+from .data import calibration_batch, is_dataset_source, load_texts
 from .evaluation import mean_loss
 from .families import Family, get_family
 from .fold import fold_choices
@@ -165,9 +165,10 @@ def _check_calibration_source(model: nn.Module, tokenizer, calibration) -> None:
             raise ValueError(f"calibration token ids must be in [0, {vocab}), got [{int(calibration.min())}, "
                              f"{int(calibration.max())}]")
         return
-    if not (calibration is None or isinstance(calibration, (str, os.PathLike))
+    if not (calibration is None or isinstance(calibration, (str, os.PathLike)) or is_dataset_source(calibration)
             or (isinstance(calibration, Sequence) and all(isinstance(text, str) for text in calibration))):
-        raise TypeError(f"calibration must be 'embedded', a path or dataset name, a list of strings or token ids, "
+        raise TypeError(f"calibration must be 'embedded', a path or dataset name, a datasets.Dataset or "
+                        f"rotsparse.data.DatasetText, a list of strings or token ids, "
                         f"got {type(calibration).__name__}")
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to calibrate on text")

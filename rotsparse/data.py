@@ -55,6 +55,7 @@ __all__ = [
     "calibration_batch",
     "dataset_texts",
     "embedded_texts",
+    "is_dataset_source",
     "load_texts",
     "looks_local",
     "token_stream",
@@ -132,7 +133,7 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
     split for evaluation).  Local files are the same for both parts.
     """
     _check_part(part)
-    if isinstance(source, DatasetText) or _is_dataset(source):
+    if is_dataset_source(source):
         return dataset_texts(source)
     if isinstance(source, (list, tuple)):
         return _check_text_list(source, origin="the given list")
@@ -163,10 +164,11 @@ class DatasetText:
     data_files: str | Sequence[str] | None = None
 
 
-def _is_dataset(source) -> bool:
-    """Whether `source` is a ``datasets.Dataset`` (without importing datasets: one can only exist once it is)."""
+def is_dataset_source(source) -> bool:
+    """Whether `source` is a `DatasetText` or a ``datasets.Dataset`` (checked without importing datasets: a
+    Dataset can only exist once it is imported)."""
     datasets = sys.modules.get("datasets")
-    return datasets is not None and isinstance(source, datasets.Dataset)
+    return isinstance(source, DatasetText) or (datasets is not None and isinstance(source, datasets.Dataset))
 
 
 def dataset_texts(source) -> list[str]:
