@@ -9,24 +9,33 @@ flags (generated from the config's fields, with their defaults) and --json, -v/-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from . import __version__
 from .api import sparsify
-from .bench import benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
+from .bench import SYNTHETIC_SHAPES, benchmark_decode, sparse_copy, structural_sparse_copy, synthetic_model
 from .compiled import MODES
 from .config import AutoOptions, SparsifyConfig
-from .data import load_texts
+from .data import load_texts, looks_local
 from .evaluation import perplexity, zero_shot
 from .families import get_family
 from .io import check_save_target, save
-from .models import load_model
+from .models import check_model_spec, hub_offline, load_model
 from .plan import plan_of
 from .recovery import recover_pretrained
 from .runtime import ROTATION_BUFFER
@@ -34,6 +43,17 @@ from .runtime import ROTATION_BUFFER
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO_PREFIX = "auto_"
 """`AutoOptions` fields become --auto-<field> flags (ablations of ``auto``)."""
+
+
+class UsageError(Exception):
+    """A bad argument, path or setting: exit code 2 (runtime errors exit with 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors go through `main`'s one error path instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
 
 
 def _flag(name: str) -> str:
@@ -81,9 +101,11 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     _add_dataclass_arguments(parser.add_argument_group("sparsify settings (SparsifyConfig)"), SparsifyConfig)
     _add_dataclass_arguments(parser.add_argument_group("auto's switches (AutoOptions; ablations)"), AutoOptions,
                              prefix=AUTO_PREFIX)
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--json", action="store_true",
+                        help="print one strict JSON object (NaN/Inf as null) on stdout; everything else to stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
 
 def config_from_args(args) -> SparsifyConfig:
@@ -118,8 +140,7 @@ def _add_compile_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rotsparse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="rotsparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rotsparse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -180,11 +201,11 @@ def evaluate_command(args) -> dict:
     progress = not args.quiet
     if hasattr(model, "rotsparse_plan"):
         if args.sparsity is not None:
-            raise SystemExit("error: --model is already sparsified; drop --sparsity")
+            raise UsageError("--model is already sparsified; drop --sparsity")
         sparse, dense_ppl = model, None
     else:
         if args.sparsity is None:
-            raise SystemExit("error: --sparsity is required for a dense model")
+            raise UsageError("--sparsity is required for a dense model")
         dense_ppl = perplexity(model, tokenizer, texts, seqlen=args.seqlen, max_tokens=args.max_tokens,
                                progress=progress)
         sparse = sparsify(model, tokenizer, progress=progress, **_sparsify_settings(args))
@@ -246,7 +267,7 @@ def bench_command(args) -> dict:
         sparse = structural_sparse_copy(dense, config, adapter_every=args.adapter_every or 1)
     else:
         if args.adapter_every is not None:
-            raise ValueError("--adapter-every applies to synthetic models; a real model's residual rotations come "
+            raise UsageError("--adapter-every applies to synthetic models; a real model's residual rotations come "
                              "from its calibration")
         dense, tokenizer = _load(args, default_dtype="bfloat16")
         if args.layers is not None:
@@ -272,33 +293,211 @@ COMMANDS = {"run": run_command, "sparsify": sparsify_command, "eval": evaluate_c
             "recover": recover_command}
 
 
-def _print_record(record: dict, as_json: bool) -> None:
+POSITIVE = ("max_tokens", "bench_tokens", "seqlen", "limit", "layers", "adapter_every", "tokens", "repeats",
+            "threads", "steps", "batch_size")
+"""Integer flags that must be >= 1 when given."""
+
+
+def _config_error(error: Exception) -> UsageError:
+    """A config error with the flag it is about named first."""
+    message = str(error)
+    fields = [(item, prefix) for cls, prefix in ((SparsifyConfig, ""), (AutoOptions, AUTO_PREFIX))
+              for item in dataclasses.fields(cls)]
+    for match in (lambda name: re.search(rf"\b{name}\b", message), lambda name: name.rstrip("s") in message):
+        for item, prefix in fields:
+            if match(item.name):
+                flag = item.metadata.get("cli") or _flag(prefix + item.name)
+                return UsageError(f"{flag}: {message}")
+    return UsageError(message)
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a torch device ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here (no GPU, or torch was built without CUDA); "
+                             f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name}: unsupported device type {device.type!r}")
+
+
+def _check_text_source(flag: str, source: str, part: str) -> None:
+    """Read a local DATA file now (missing, empty, undecodable or malformed files are usage errors); with
+    ``HF_HUB_OFFLINE`` a hub dataset too (from the cache, or a fast error)."""
+    if source != "embedded" and (looks_local(source) or hub_offline()):
+        try:
+            load_texts(source, part=part)
+        except (OSError, ValueError, TypeError, ImportError) as error:
+            raise UsageError(f"{flag} {source}: {error}") from None
+
+
+def _check_output_dir(flag: str, out: str, overwrite: bool, model: str) -> None:
+    """--out must be a directory that can be created or written: not a file, not under a file, writable; and,
+    unless `overwrite`, empty and not the --model folder (`rotsparse.io.save` refuses those too)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise UsageError(f"{flag} {out}: is a file; pass --overwrite to replace it")
+    if path.is_dir() and not overwrite:
+        if path.resolve() == Path(model).expanduser().resolve():
+            raise UsageError(f"{flag} {out}: is the --model folder; save elsewhere or pass --overwrite")
+        if any(path.iterdir()):
+            raise UsageError(f"{flag} {out}: is not empty; pass --overwrite to replace it")
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {out}: {ancestor} is a file, not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".rotsparse-probe-", dir=ancestor)
+    except OSError as error:
+        raise UsageError(f"{flag} {out}: {ancestor} is not writable ({error.strerror})") from None
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+def _check_block_size(args) -> None:
+    """--block-size against the site widths in a local model folder's config.json (before loading weights;
+    other models are checked by `sparsify` itself before it changes anything)."""
+    block_size = getattr(args, "block_size", None)
+    path = Path(args.model).expanduser()
+    if not block_size or not (path / "config.json").is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(path).get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        widths = sorted({config.hidden_size, heads * head_dim, config.intermediate_size})
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # `load_model` names an unreadable config
+    bad = [width for width in widths if width % block_size]
+    if bad:
+        raise UsageError(f"--block-size {block_size} does not divide the Top-K input widths {bad} of {args.model} "
+                         f"(all widths: {widths})")
+
+
+def check_args(args) -> None:
+    """Every check of the parsed flags that needs no model: settings, numbers, device, paths, DATA files.
+    Raises `UsageError` naming the flag."""
+    try:
+        config_from_args(args)
+    except (ValueError, TypeError) as error:
+        raise _config_error(error) from None
+    for name in POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {lr}")
+    _check_device(args.device)
+    if args.command == "bench" and args.model.startswith("synthetic:"):
+        name = args.model.removeprefix("synthetic:")
+        if name not in SYNTHETIC_SHAPES:
+            raise UsageError(f"--model {args.model}: unknown synthetic model; choose one of "
+                             f"{['synthetic:' + key for key in sorted(SYNTHETIC_SHAPES)]}")
+    else:
+        try:
+            check_model_spec(args.model)
+        except (OSError, ValueError, TypeError) as error:
+            raise UsageError(f"--model {args.model}: {error}") from None
+    _check_block_size(args)
+    if args.calibration is not None:
+        _check_text_source("--calibration", args.calibration, "calibration")
+    data = getattr(args, "data", None)
+    if data is not None:
+        _check_text_source("--data", data, "evaluation" if args.command == "eval" else "calibration")
+    if getattr(args, "out", None) is not None:
+        _check_output_dir("--out", args.out, getattr(args, "overwrite", False), args.model)
+    include = getattr(args, "tasks_include_path", None)
+    if include is not None and not Path(include).expanduser().is_dir():
+        raise UsageError(f"--tasks-include-path {include}: not a directory")
+
+
+def json_safe(value):
+    """`value` with NaN/Inf as None, tuples as lists and tensors as numbers, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def _print_record(record: dict, file) -> None:
     for key, value in record.items():
         if key != "zero_shot":
-            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}", file=file)
     if "zero_shot" in record:
-        print(json.dumps(record["zero_shot"], indent=2))
-    if as_json:
-        print(json.dumps(record))
+        print(json.dumps(json_safe(record["zero_shot"]), indent=2, allow_nan=False), file=file)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("rotsparse").setLevel(level)
 
 
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    if not message:
+        return type(error).__name__
+    return message if isinstance(error, (UsageError, ValueError, FileNotFoundError)) else \
+        f"{type(error).__name__}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    """Run the command; every error is one line on stderr (the traceback too with --debug): exit code 2 for
+    usage errors (arguments, paths, settings, DATA files: all checked before a model loads), 1 for runtime
+    errors, 130 when interrupted. With --json, stdout holds only the strict JSON record."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, command = "--debug" in argv, None
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("rotsparse").level)
+    code = 0
     try:
-        record = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError,
-            FloatingPointError) as error:
-        print(f"rotsparse {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    _print_record(record, args.json)
-    return 0
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            check_args(args)
+        except UsageError as error:
+            code = 2
+            raise
+        _configure_logging(args.verbose, args.quiet)
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            record = COMMANDS[args.command](args)
+            _print_record(record, sys.stdout)
+        if args.json:
+            print(json.dumps(json_safe(record), allow_nan=False), file=stdout)
+        return 0
+    except (Exception, KeyboardInterrupt) as error:
+        if isinstance(error, KeyboardInterrupt):
+            code, message = 130, "interrupted"
+        else:
+            code = 2 if code == 2 or isinstance(error, (UsageError, FileExistsError)) else 1
+            message = _one_line(error)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"rotsparse{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        root.setLevel(saved[0])
+        for handler in [handler for handler in root.handlers if handler not in saved[1]]:
+            root.removeHandler(handler)
+        logging.getLogger("rotsparse").setLevel(saved[2])
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ class SparsifyConfig:
                                          cli=None)
 
     def __post_init__(self):
-        if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not math.isfinite(self.sparsity):
             raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -176,9 +177,8 @@ class SparsifyConfig:
             if sum(coefficients) == 0:
                 raise ValueError("site_coefficients must not all be zero")
             object.__setattr__(self, "site_coefficients", coefficients)
-        if self.num_sequences < 1 or self.sequence_length < 1:
-            raise ValueError("num_sequences and sequence_length must be >= 1")
-        for name, low in (("check_sequences", 0), ("error_tokens", 1), ("block_size", 0)):
+        for name, low in (("num_sequences", 1), ("sequence_length", 1), ("check_sequences", 0), ("error_tokens", 1),
+                          ("block_size", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -55,7 +55,9 @@ __all__ = [
     "calibration_batch",
     "dataset_texts",
     "embedded_texts",
+    "is_dataset_source",
     "load_texts",
+    "looks_local",
     "token_stream",
 ]
 
@@ -86,7 +88,9 @@ HUB_ALIASES: dict[str, dict[str, dict]] = {
     },
 }
 
-_LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_TEXT_SUFFIXES = (".txt", ".raw", ".text", "")
+"""Plain text (documents separated by blank lines); "" is an existing file without a suffix."""
+_LOCAL_SUFFIXES = (".txt", ".raw", ".text", ".jsonl", ".parquet")
 _PARTS = ("calibration", "evaluation")
 
 
@@ -129,7 +133,7 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
     split for evaluation).  Local files are the same for both parts.
     """
     _check_part(part)
-    if isinstance(source, DatasetText) or _is_dataset(source):
+    if is_dataset_source(source):
         return dataset_texts(source)
     if isinstance(source, (list, tuple)):
         return _check_text_list(source, origin="the given list")
@@ -160,10 +164,11 @@ class DatasetText:
     data_files: str | Sequence[str] | None = None
 
 
-def _is_dataset(source) -> bool:
-    """Whether `source` is a ``datasets.Dataset`` (without importing datasets: one can only exist once it is)."""
+def is_dataset_source(source) -> bool:
+    """Whether `source` is a `DatasetText` or a ``datasets.Dataset`` (checked without importing datasets: a
+    Dataset can only exist once it is imported)."""
     datasets = sys.modules.get("datasets")
-    return datasets is not None and isinstance(source, datasets.Dataset)
+    return isinstance(source, DatasetText) or (datasets is not None and isinstance(source, datasets.Dataset))
 
 
 def dataset_texts(source) -> list[str]:
@@ -197,36 +202,49 @@ def _check_text_list(texts: Sequence, origin: str) -> list[str]:
     return list(texts)
 
 
-def _looks_local(source: str | os.PathLike) -> bool:
-    """True if ``source`` names a local file rather than a hub dataset."""
+def looks_local(source: str | os.PathLike) -> bool:
+    """True if ``source`` names a local file rather than a hub dataset: it exists, starts with ``.``, ``/`` or
+    ``~``, holds a path separator other than ``/`` (or two ``/``: hub ids are 'name' or 'owner/name'), or ends
+    in a known file suffix. Such a source is never looked up on the hub."""
     if isinstance(source, os.PathLike):
         return True
     path = Path(source).expanduser()
+    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
     return (
         path.exists()
         or path.suffix.lower() in _LOCAL_SUFFIXES
         or source.startswith(("/", ".", "~"))
-        or source.count("/") >= 2  # hub ids are 'name' or 'owner/name'
+        or any(sep in source for sep in separators)
+        or source.count("/") >= 2
     )
 
 
+_looks_local = looks_local
+
+
 def _load_local(path: Path) -> list[str]:
-    """Dispatch on the suffix of an existing local file."""
+    """Dispatch on the suffix of an existing local file (no suffix: plain text)."""
     if not path.exists():
         raise FileNotFoundError(f"text file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; pass a .txt, .jsonl or .parquet file")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        texts = _read_txt(path)
-    elif suffix == ".jsonl":
-        texts = _read_jsonl(path)
-    elif suffix == ".parquet":
-        texts = _read_parquet(path)
-    else:
-        raise ValueError(
-            f"unsupported text file type {suffix!r} for {path}; use .txt, .jsonl or .parquet"
-        )
+    try:
+        if suffix in _TEXT_SUFFIXES:
+            texts = _read_txt(path)
+        elif suffix == ".jsonl":
+            texts = _read_jsonl(path)
+        elif suffix == ".parquet":
+            texts = _read_parquet(path)
+        else:
+            raise ValueError(
+                f"unsupported text file type {suffix!r} for {path}; use .txt (or .raw, or no suffix), "
+                f".jsonl or .parquet"
+            )
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except PermissionError as error:
+        raise PermissionError(f"cannot read {path}: {error.strerror}") from None
     if not any(text.strip() for text in texts):
         raise ValueError(f"{path} holds no text (empty file?)")
     return texts

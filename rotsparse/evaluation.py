@@ -26,11 +26,15 @@ rotsparse[eval]``) on the already-loaded, possibly sparsified, model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -212,6 +216,31 @@ def zero_shot(
     if isinstance(tasks, str) or not tasks:
         raise ValueError("tasks must be a non-empty list of lm-eval task names")
     lm_eval, HFLM, TaskManager = _import_lm_eval()
+    with _global_state_kept():  # lm-eval seeds the global RNGs and may set logger levels
+        return _zero_shot(lm_eval, HFLM, TaskManager, model, tokenizer, tasks, num_fewshot, limit, batch_size,
+                          include_path, include_defaults, max_length)
+
+
+@contextlib.contextmanager
+def _global_state_kept() -> Iterator[None]:
+    """Restore the Python, NumPy and torch RNG states and every existing logger's level afterwards."""
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    levels = [(logger, logger.level, logger.disabled) for logger in loggers]
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for logger, level, disabled in levels:
+            logger.setLevel(level)
+            logger.disabled = disabled
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _zero_shot(lm_eval, HFLM, TaskManager, model, tokenizer, tasks, num_fewshot, limit, batch_size, include_path,
+               include_defaults, max_length) -> dict[str, dict[str, float]]:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     task_manager = TaskManager(
         include_path=_as_path_list(include_path), include_defaults=include_defaults

@@ -40,7 +40,7 @@ def fold_rotations(family: Family, rotations: list[torch.Tensor | None]) -> None
             _fold_layer(layer, rotation)
             following = rotations[index + 1] if index + 1 < len(rotations) else None
             if index + 1 < len(rotations) and rotation is not following:
-                weight = layer.attn_input_norm.weight
+                weight = layer.qkv[0].weight
                 matrix = residual_rotation(identity if rotation is None else rotation,
                                           identity if following is None else following)
                 attach_output_rotation(layer.layer, matrix.to(device=weight.device, dtype=weight.dtype))
@@ -55,11 +55,15 @@ def fold_rotations(family: Family, rotations: list[torch.Tensor | None]) -> None
 def _fold_layer(layer: Layer, rotation: torch.Tensor | None) -> None:
     for norm, linears in ((layer.attn_input_norm, layer.qkv),
                           (layer.mlp_input_norm, layer.gate_up)):
-        scale = layer.norm_scale(norm)
+        if norm is None and rotation is None:
+            continue
+        scale = None if norm is None else layer.norm_scale(norm)  # no pre-norm: the linears read the residual
         for linear in linears:
-            linear.weight.copy_(fold_input(linear.weight, scale.to(linear.weight.device),
-                                           None if rotation is None else rotation.to(linear.weight.device)))
-        layer.set_unit_norm(norm)
+            device = linear.weight.device
+            linear.weight.copy_(fold_input(linear.weight, None if scale is None else scale.to(device),
+                                           None if rotation is None else rotation.to(device)))
+        if norm is not None:
+            layer.set_unit_norm(norm)
     if rotation is None:
         return
     for output_norm, linear in ((layer.attn_output_norm, layer.o_proj),
@@ -98,7 +102,9 @@ def fold_scales(layer: Layer, scales: dict[str, torch.Tensor] | None = None) -> 
     scales: h1/h3 (d,), h2 (num_kv_heads * head_dim,), h4 (intermediate,), as `rotsparse.measure` measured
     them; None measures plain column norms here. First h2/h4: v_proj rows (and bias) *= c, o_proj columns
     /= c (c shared within GQA groups); up_proj rows *= c, down_proj columns /= c. Then h1/h3: pre-norm
-    scale := c, q/k/v and gate/up W := W diag(1/c).
+    scale := c, q/k/v and gate/up W := W diag(1/c). A site without a pre-norm (OLMo-2) reads the residual stream
+    itself, which has no per-site place for a scale: its h1/h3 scales are not folded (calibration measures them
+    as ones). The h2/h4 producer is `Layer.v_proj` / `Layer.up_proj` (rows of a fused linear, Phi-3).
     """
     heads, kv_heads = layer.attention_heads()
     if scales is None:
@@ -116,6 +122,8 @@ def fold_scales(layer: Layer, scales: dict[str, torch.Tensor] | None = None) -> 
         consumer.weight.copy_(scale_input(consumer.weight, input_scale.to(consumer.weight.device)))
     for site, norm, linears in (("h1", layer.attn_input_norm, layer.qkv),
                                 ("h3", layer.mlp_input_norm, layer.gate_up)):
+        if norm is None:
+            continue
         scale = scales.get(site)
         if scale is None:
             scale = column_scale([linear.weight for linear in linears])

@@ -24,6 +24,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+try:  # transformers >= 5: checkpoints are written in the original layout, not the loaded one
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:
+    revert_weight_conversion = None
+
 from .config import SITES, run_length
 from .families import get_family
 from .plan import (CONFIG_KEY, CheckpointError, SparsityPlan, plan_from_section, plan_of, quantization_section,
@@ -269,8 +274,12 @@ def check_checkpoint(model: nn.Module, plan: SparsityPlan, checkpoint_files) -> 
 
 
 def _check_weights(model: nn.Module, saved: dict[str, tuple[Path, tuple[int, ...], str]]) -> None:
-    """Saved weight names and shapes against the (meta) model's; tied weights count as present if one is."""
+    """Saved weight names and shapes against the (meta) model's; tied weights count as present if one is.
+    transformers 5 saves some weights in their original layout (e.g. batched mixture-of-experts weights as one
+    tensor per expert): the model's are compared in that layout."""
     tensors = model.state_dict(keep_vars=True)
+    if revert_weight_conversion is not None:
+        tensors = revert_weight_conversion(model, tensors)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     problems = []
     for key, value in tensors.items():

@@ -138,16 +138,20 @@ def _site_samples(layer: Layer, moments: dict, samples: dict, positions: list):
     (the attention sink, `samples["sink"]`); and, at `positions[0]` (a (1, seq) bool mask of sampled tokens),
     rows of the normalised inputs and of the h2/h4 inputs."""
 
-    def norm_hook(key, norm):
-        eps = layer.norm_eps(norm)
+    def norm_hook(key):
+        norm = layer.pre_norm(key)  # None: the site reads the raw residual stream (hooked at its first reader)
+        eps = None if norm is None else layer.norm_eps(norm)
+
+        def rows_of(x):
+            return x.double() if eps is None else normalized_rows(x, eps)
 
         def hook(module, args):
             x = args[0]
             if key in moments:
-                moments[key].add(normalized_rows(x[positions[1]], eps))
+                moments[key].add(rows_of(x[positions[1]]))
                 first = positions[1].int().argmax(dim=1)  # each sequence's first real token: its sink
-                samples["sink"].append(normalized_rows(x[torch.arange(x.shape[0], device=x.device), first], eps))
-            samples[key].append(normalized_rows(x[positions[0]], eps))
+                samples["sink"].append(rows_of(x[torch.arange(x.shape[0], device=x.device), first]))
+            samples[key].append(rows_of(x[positions[0]]))
 
         return hook
 
@@ -164,8 +168,8 @@ def _site_samples(layer: Layer, moments: dict, samples: dict, positions: list):
         return hook
 
     handles = [
-        layer.attn_input_norm.register_forward_pre_hook(norm_hook("h1", layer.attn_input_norm)),
-        layer.mlp_input_norm.register_forward_pre_hook(norm_hook("h3", layer.mlp_input_norm)),
+        layer.site_input("h1").register_forward_pre_hook(norm_hook("h1")),
+        layer.site_input("h3").register_forward_pre_hook(norm_hook("h3")),
         layer.o_proj.register_forward_pre_hook(input_hook("h2")),
         layer.down_proj.register_forward_pre_hook(input_hook("h4")),
     ]
@@ -198,11 +202,22 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
     options = config.resolved_options
     if options is None:
         raise ValueError(f"method {config.method!r} needs no calibration")
+    if not family.spec.calibrated:
+        raise NotImplementedError(
+            f"model_type={family.model.config.model_type!r}: the calibrated methods (rotations and scales folded "
+            f"into the weights) do not support this family (batched mixture-of-experts weights); use "
+            f"method='topk'")
     start = time.perf_counter()
     layers, tokens, error_seconds = [], 0, 0.0
     sensitivity = None
     if options.loss_weighted:
         sensitivity = loss_sensitivity(model, family, input_ids, attention_mask, progress)
+        for index, per_site in enumerate(sensitivity.fisher):
+            for site, values in per_site.items():
+                for reader, value in enumerate(values):
+                    if not torch.isfinite(torch.as_tensor(value)).all():
+                        raise FloatingPointError(f"non-finite values (NaN/Inf) in the loss sensitivity (Fisher) of "
+                                                 f"site {site} reader {reader} of decoder layer {index}")
     shared_bases = [{} for _ in family.layers]
     if "global" in options.rotations or any(run_length(name) for name in options.rotations):
         shared_bases = _shared_bases(options.rotations,
@@ -215,7 +230,7 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
                           for row, mask in enumerate(step.token_mask)]
             positions = _sample_positions(candidates, config.error_tokens, config.seed)
         layer = family.layer(step.layer)
-        width = layer.attn_input_norm.weight.shape[-1]
+        width = family.hidden_size
         moments = {"h1": SecondMoment(width)}
         if options.value_rotation:
             heads, kv_heads = layer.attention_heads()
@@ -227,8 +242,11 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
         def select(row: int, mask: torch.Tensor) -> None:
             current[:] = [positions[row], mask]
 
-        with _site_samples(layer, moments, samples, current):
-            step.outputs = step.run(before_each=select)
+        try:
+            with _site_samples(layer, moments, samples, current):
+                step.outputs = step.run(before_each=select)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"decoder layer {step.index}: {error} (second moments)") from error
         tokens = moments["h1"].tokens
         rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
         error_start = time.perf_counter()
@@ -307,7 +325,13 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
     reader r weighted per token (its gradient energy) and per output (fisher_r / sum(fisher_r)).
     Otherwise errors are relative.
     """
-    attn_scale = layer.norm_scale(layer.attn_input_norm).double().cpu()
+    def input_scale(site: str) -> torch.Tensor:  # the pre-norm's scale (ones without a pre-norm)
+        norm = layer.pre_norm(site)
+        if norm is None:
+            return torch.ones(attn_moment.shape[0], dtype=torch.float64)
+        return layer.norm_scale(norm).double().cpu()
+
+    attn_scale = input_scale("h1")
     rotations = [_candidate(name, attn_moment, attn_scale, shared_bases or {}, rows.get("sink"))
                  for name in options.rotations]
     post_norms = sum(norm is not None for norm in (layer.attn_output_norm, layer.mlp_output_norm))
@@ -336,8 +360,8 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
 
     curves = {site: [] for site in SITES}
     scales = {site: [] for site in SITES} if options.scaling else {}
-    site_candidates = (("h2", "h1", 2, value_rotations), ("h4", "h3", 1, [None]))
-    for site, producer_site, producer_index, candidates in site_candidates:
+    site_candidates = (("h2", "h1", value_rotations), ("h4", "h3", [None]))
+    for site, producer_site, candidates in site_candidates:
         for rotation in candidates:
             weight, inputs = weights[site][0], rows[site]
             if rotation is not None:
@@ -353,15 +377,17 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
                 weight, inputs = scale_input(weight, scale), inputs * scale
                 if sensitivity is None:  # the readers of h1/h3 as `fold_scales` leaves them: producer rows scaled
                     readers = weights[producer_site]  # (only one candidate here: `AutoOptions` checks)
-                    readers[producer_index] = readers[producer_index] * scales[site][0][:, None]
+                    index, produced = layer.producer(site)
+                    readers[index] = readers[index].clone()
+                    readers[index][produced] *= scales[site][0][:, None]
             curves[site].append(curve(site, inputs, [weight]))
-    for site, norm in (("h1", layer.attn_input_norm), ("h3", layer.mlp_input_norm)):
-        norm_scale = layer.norm_scale(norm).double().cpu()
+    for site in ("h1", "h3"):
+        norm_scale = input_scale(site)
         for rotation in rotations:
             readers = [fold_input(weight, norm_scale, rotation) for weight in weights[site]]
             inputs = rows[site] if rotation is None else rows[site] @ rotation
-            if options.scaling:
-                scale = column_scale(readers)
+            if options.scaling:  # without a pre-norm there is nowhere to fold a scale (`fold_scales`): ones
+                scale = column_scale(readers) if layer.pre_norm(site) is not None else torch.ones_like(norm_scale)
                 scales[site].append(scale)
                 inputs, readers = inputs * scale, [scale_input(w, scale) for w in readers]
             curves[site].append(curve(site, inputs, readers))

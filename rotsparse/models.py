@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import io as sparse_io
@@ -101,21 +103,62 @@ def load_model(
     :func:`cache_root`).
     """
     _check_dtype(dtype)
-    spec_str = os.fspath(spec)
+    spec_str = check_model_spec(spec)
     if spec_str in MODEL_ALIASES:
         return _load_alias(spec_str, dtype, device, cache_dir)
     path = Path(spec_str).expanduser()
     if path.is_dir():
         return _load_folder(path, dtype, device)
     if path.suffix.lower() == ".gguf":
+        return load_gguf(path, dtype=dtype, device=device, cache_dir=cache_dir)
+    return _load_hub(spec_str, dtype, device)
+
+
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+"""File suffixes that make a model spec a local path (never a hub id)."""
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` forbids hub look-ups."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(
+        hf_constants.HF_HUB_OFFLINE)
+
+
+def looks_local(spec: str) -> bool:
+    """True when ``spec`` names a local path: it starts with ``.``, ``/`` or ``~``, holds a path separator other
+    than ``/`` or two ``/`` (hub ids are 'name' or 'owner/name'), or ends in a model file suffix."""
+    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
+    return (spec.startswith(("/", ".", "~")) or any(sep in spec for sep in separators) or spec.count("/") >= 2
+            or Path(spec).suffix.lower() in MODEL_SUFFIXES)
+
+
+def check_model_spec(spec: str | os.PathLike) -> str:
+    """``spec`` as a string if `load_model` can try it, without loading anything or asking the hub: an alias, an
+    existing folder or .gguf file, or a hub id (cached, when ``HF_HUB_OFFLINE`` is set). FileNotFoundError for
+    a local-looking path that does not exist, ValueError for a file that is no model, ConnectionError for a
+    hub id offline."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
+        raise TypeError(f"model must be an alias, a path or a hub id, got {spec!r}")
+    spec_str = os.fspath(spec)
+    if spec_str in MODEL_ALIASES:
+        return spec_str
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        return spec_str
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return load_gguf(path, dtype=dtype, device=device, cache_dir=cache_dir)
+        return spec_str
     if path.exists():
         raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    if spec_str.startswith(("/", ".", "~")) or spec_str.count("/") >= 2:
+    if isinstance(spec, os.PathLike) or looks_local(spec_str):
         raise FileNotFoundError(f"model path not found: {path}")
-    return _load_hub(spec_str, dtype, device)
+    if hub_offline() and not isinstance(try_to_load_from_cache(spec_str, "config.json"), str):
+        raise ConnectionError(f"model {spec_str!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                              f"set; use an alias ({', '.join(MODEL_ALIASES)}), a local folder or a .gguf file")
+    return spec_str
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -321,10 +364,15 @@ def _load_folder(path: Path, dtype, device):
     """Load a ``save_pretrained`` folder, or a sparsified one (config.json with a rotsparse section)."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if is_sparsified_folder(path):
-        return sparse_io.load(path, dtype=dtype, device=device), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if is_sparsified_folder(path):
+            return sparse_io.load(path, dtype=dtype, device=device), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as error:  # e.g. a truncated safetensors file: name the folder
+        if str(path) in str(error):
+            raise
+        raise OSError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
     return _finish(model, device, dtype), tokenizer
 
 

@@ -67,16 +67,19 @@ def residual_moments(model: nn.Module, family: Family, input_ids: torch.Tensor,
     moments, sink_rows = [], []
     for step in layerwise(model, family, input_ids, attention_mask, progress=False):
         layer = family.layer(step.layer)
-        norm = layer.attn_input_norm
-        eps = layer.norm_eps(norm)
-        moment, sinks, current = SecondMoment(norm.weight.shape[-1]), [], {}
+        norm = layer.pre_norm("h1")  # None: q/k/v read the raw residual stream, hooked at their first reader
+        eps = None if norm is None else layer.norm_eps(norm)
+        moment, sinks, current = SecondMoment(family.hidden_size), [], {}
 
-        def hook(module, args, moment=moment, sinks=sinks, current=current, eps=eps):
+        def rows_of(x, eps=eps):
+            return x.double() if eps is None else normalized_rows(x, eps)
+
+        def hook(module, args, moment=moment, sinks=sinks, current=current, rows_of=rows_of):
             mask = current["mask"]
-            moment.add(normalized_rows(args[0][mask], eps))
-            sinks.append(normalized_rows(args[0][0, int(mask[0].int().argmax())][None], eps))
+            moment.add(rows_of(args[0][mask]))
+            sinks.append(rows_of(args[0][0, int(mask[0].int().argmax())][None]))
 
-        handle = norm.register_forward_pre_hook(hook)
+        handle = layer.site_input("h1").register_forward_pre_hook(hook)
         try:
             step.outputs = step.run(before_each=lambda row, mask, current=current: current.update(mask=mask))
         finally:

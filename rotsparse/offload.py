@@ -56,6 +56,10 @@ from .kernels.reference import to_input_major
 
 __all__ = ["InputMajorOffloadHook", "adopt_hooks", "execution_device", "is_offloaded", "materialized"]
 
+BEFORE_DISK_WRITE: list = []
+"""Callables ``(loader, path)`` called before a ``.dat`` file of a disk store is written (`rotsparse.undo`
+copies a file it would overwrite)."""
+
 
 def _align_hooks(module: nn.Module) -> list:
     """The accelerate ``AlignDevicesHook``s attached to `module` itself (none without accelerate)."""
@@ -226,6 +230,8 @@ def _write_to_disk(loader, key: str, tensor: torch.Tensor) -> None:
         weakref.finalize(loader, shutil.rmtree, folder, ignore_errors=True)
         loader.save_folder = folder
     os.makedirs(loader.save_folder, exist_ok=True)
+    for listener in list(BEFORE_DISK_WRITE):
+        listener(loader, os.path.join(loader.save_folder, f"{key}.dat"))
     entry = offload_weight(tensor.to("cpu").contiguous(), key, loader.save_folder, index={})
     loader.index[key] = entry[key]
 

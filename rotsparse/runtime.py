@@ -108,6 +108,68 @@ class TopKLinear(nn.Linear):
         return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
 
 
+class TopKSite(nn.Module):
+    """Per-token Top-K of an activation that feeds batched weights rather than one linear (a mixture of experts'
+    shared input, h3, or every expert's down_proj input, h4): keeps the `keep_k` largest-magnitude entries of
+    each row, with the same Q-Sparse switches as `TopKLinear` (set by `apply_topk_options`). Dense-masked: no
+    decode kernel. No parameters or buffers."""
+
+    def __init__(self, in_features: int, keep_k: int, site: str):
+        super().__init__()
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}")
+        if not 0 <= keep_k <= in_features:
+            raise ValueError(f"keep_k must be in [0, {in_features}], got {keep_k}")
+        self.in_features, self.keep_k, self.site = int(in_features), int(keep_k), site
+        self.straight_through = True
+        self.l2_rescale = False
+        self.block_size = 0
+
+    kept_per_token = TopKLinear.kept_per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept_per_token >= self.in_features:
+            return x
+        return sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
+                                   straight_through=self.training and self.straight_through)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, keep_k={self.keep_k}, site={self.site}"
+
+
+class TopKExperts(nn.Module):
+    """Stands in for a mixture-of-experts block's batched experts (same parameters, same names: gate_up_proj
+    (E, 2I, d), down_proj (E, d, I), the activation; called as ``experts(hidden (tokens, d), top_k_index, top_k_weights)``
+    by the block, whose router has already read the dense input). Every expert reads the Top-K of the shared
+    input (`input_topk`, site h3) and its down_proj the Top-K of its own gated activation (`hidden_topk`, h4)."""
+
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, activation: nn.Module,
+                 activation_name: str, keep_k_input: int, keep_k_hidden: int):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.activation_name = activation_name  # the experts' own attribute name (`ExpertsLayer.set_mlp_activation`)
+        setattr(self, activation_name, activation)
+        count, double_intermediate, hidden = self.gate_up_proj.shape
+        self.num_experts = count
+        self.input_topk = TopKSite(hidden, keep_k_input, "h3")
+        self.hidden_topk = TopKSite(double_intermediate // 2, keep_k_hidden, "h4")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        sparse = self.input_topk(hidden_states)
+        output = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < self.num_experts:  # padding index of expert-parallel routing
+                continue
+            tokens, slots = torch.nonzero(top_k_index == expert, as_tuple=True)
+            projected = F.linear(sparse[tokens], self.gate_up_proj[expert])
+            gate, up = projected.chunk(2, dim=-1)
+            activation = getattr(self, self.activation_name)
+            expert_out = F.linear(self.hidden_topk(activation(gate) * up), self.down_proj[expert])
+            output.index_add_(0, tokens, (expert_out * top_k_weights[tokens, slots, None]).to(output.dtype))
+        return output
+
+
 class KernelLinear(nn.Linear):
     """A dense `nn.Linear` (the lm_head of a sparsified model) whose single-token inference steps go through
     rotsparse's dense decode GEMV (`rotsparse.kernels.dense_gemv`, the same row-major weight: no re-layout,
@@ -155,7 +217,7 @@ def apply_topk_options(model: nn.Module, config: SparsifyConfig) -> None:
     """Make the installed Top-K sites (and MLPs) follow `config`'s Q-Sparse switches (`l2_rescale`,
     `block_size`, `mlp_activation`). Idempotent; called after the TopKLinears are installed (`install_topk`)
     and by `rotsparse.recovery.configure`."""
-    sites = [m for m in model.modules() if isinstance(m, TopKLinear)]
+    sites = [m for m in model.modules() if isinstance(m, (TopKLinear, TopKSite))]
     if config.block_size:
         bad = sorted({m.in_features for m in sites if m.in_features % config.block_size})
         if bad:
@@ -200,7 +262,7 @@ def attach_output_rotation(module: nn.Module, rotation: torch.Tensor) -> None:
 
 def install_topk(family: Family, plan: SparsityPlan) -> None:
     """Replace every site linear by a `TopKLinear` with the plan's K (per reader linear where the plan has
-    them), apply the plan's Q-Sparse switches, and route the (dense) lm_head through the dense decode kernel
+    them) and a mixture of experts' batched experts by `TopKExperts` (its h3/h4 K), apply the plan's Q-Sparse switches, and route the (dense) lm_head through the dense decode kernel
     (`KernelLinear`: same weight, same function)."""
     layers = family.layer_views()
     if len(plan.keep_k) != len(layers):
@@ -211,6 +273,10 @@ def install_topk(family: Family, plan: SparsityPlan) -> None:
             for (parent, name), keep_k in zip(linears, plan.site_reader_keep_k(index, position, len(linears))):
                 linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
                 setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
+        experts = getattr(layer, "experts", None)  # mixture of experts (`ExpertsLayer`): h3/h4 at its inputs
+        if experts is not None and not isinstance(experts, TopKExperts):
+            parent, name = layer.experts_slot()
+            setattr(parent, name, TopKExperts(*layer.expert_parts(), plan.keep_k[index][2], plan.keep_k[index][3]))
     apply_topk_options(family.model, plan.config)
     install_head_kernel(family)
 

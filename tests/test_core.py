@@ -28,7 +28,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["larosa", "topk"])
+@pytest.mark.parametrize("method", ["auto", "larosa", "topk"])
 def test_sparsity_zero_is_invariant(family, method):
     model = tiny_model(family)
     tokens = random_tokens()
@@ -38,7 +38,7 @@ def test_sparsity_zero_is_invariant(family, method):
     with torch.no_grad():
         actual = model(tokens).logits
     assert relative_error(actual, expected) < 1e-4
-    assert model.rotsparse_plan.rotated == (method == "larosa")
+    assert model.rotsparse_plan.rotated == (method == "larosa") or method == "auto"
     assert model.rotsparse_plan.effective_sparsity == 0.0
 
 

@@ -88,7 +88,7 @@ def test_kernel_and_masked_paths_generate_the_same_tokens(family, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "olmo2", "phi3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_decoding_through_the_kernels_equals_the_full_forward(family, dtype):
     """On a GPU, decode steps take the Triton kernels and match the masked full forward pass."""
@@ -130,7 +130,7 @@ def test_lm_head_decodes_through_the_dense_kernel_and_keeps_its_tie(method, monk
         assert torch.allclose(step_logits[0], full[0, prompt.shape[1] - 1 + step], atol=1e-4, rtol=1e-4), step
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "olmo2", "phi3"])
 def test_left_padded_batch_equals_prompts_one_by_one(family):
     model = sparsified(family)
     prompts = [random_tokens(num_sequences=1, length=n, seed=n)[0] for n in (5, 9, 12)]

@@ -91,7 +91,7 @@ def test_mask_is_per_token_not_a_union():
 
 # --- the training loop -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "olmo2", "phi3"])
 @pytest.mark.parametrize("method", ["larosa", "topk"])
 def test_a_few_steps_lower_the_loss_and_keep_the_model_a_rotsparse_model(family, method):
     model = sparsified(family, method=method)

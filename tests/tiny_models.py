@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, PretrainedConfig,
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
+                          Olmo2Config, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
+                          SmolLM3Config)
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "qwen3", "smollm3", "olmo2", "phi3")
+"""Families every method supports."""
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+"""Mixture-of-experts families (``topk`` only)."""
 
 
 def tiny_config(family: str, num_layers: int = 2, hidden_size: int = 64, vocab_size: int = 128) -> PretrainedConfig:
@@ -23,6 +27,20 @@ def tiny_config(family: str, num_layers: int = 2, hidden_size: int = 64, vocab_s
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
                                 layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
                                 + ["sliding_attention"] * (num_layers % 2))
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # their defaults lie outside the tiny vocabulary
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
+    if family == "smollm3":  # no RoPE in every other layer
+        return SmolLM3Config(**common, **tokens, no_rope_layers=[int(i % 2 == 0) for i in range(num_layers)])
+    if family == "olmo2":
+        return Olmo2Config(**common, **tokens)
+    if family == "phi3":
+        return Phi3Config(**common, **tokens)
+    if family == "qwen3_moe":  # the last layer a dense MLP (mlp_only_layers)
+        return Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                              mlp_only_layers=[num_layers - 1] if num_layers > 1 else [])
+    if family == "mixtral":
+        return MixtralConfig(**common, **tokens, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(family)
 
 
