@@ -111,6 +111,10 @@ class AutoOptions:
         loss of each sparsified candidate model on calibration sequences held out from calibration
         (`Calibration.structures`; `SparsifyConfig.check_sequences`). The proxy alone misranks them: it
         misses damage to the attention-sink token.
+    allocation_shrinkage: with error allocation, s in [0, 1]: every reader's K becomes (1 - s) x its
+        error-allocated K + s x the uniform K of its site (`SparsifyConfig.coefficients`), rounded; both meet
+        the parameter budget, so the blend does too (up to rounding). Shrinks per-layer choices that follow
+        the calibration text's statistics toward a choice that does not depend on it.
     """
 
     rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
@@ -121,8 +125,11 @@ class AutoOptions:
     value_rotation: bool = True
     per_reader: bool = True
     structure_check: bool = True
+    allocation_shrinkage: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.allocation_shrinkage <= 1.0:
+            raise ValueError(f"allocation_shrinkage must be in [0, 1], got {self.allocation_shrinkage}")
         unknown = [name for name in self.rotations
                    if name not in ROTATION_CANDIDATES[:-1] and (run_length(name) or 0) < 2]
         if unknown or not self.rotations or len(set(self.rotations)) != len(self.rotations):
@@ -470,8 +477,8 @@ def choose(calibration: Calibration, reader_sizes, sparsity: float, coefficients
     `AutoOptions.per_reader`, else one per site -- and the rotations are re-chosen for the whole chain of
     layers (`_choose_rotations`) at that price; the two steps repeat (at most `rounds` times) until stable.
     """
-    keep_k = _expand(allocate_keep_k([site_sizes_from_readers(layer) for layer in reader_sizes], sparsity,
-                                     coefficients), reader_sizes)
+    uniform = keep_k = _expand(allocate_keep_k([site_sizes_from_readers(layer) for layer in reader_sizes], sparsity,
+                                               coefficients), reader_sizes)
     layers = calibration.layers
     options = calibration.options
     choice, price = [0] * len(layers), None
@@ -483,7 +490,16 @@ def choose(calibration: Calibration, reader_sizes, sparsity: float, coefficients
         curves = [[layer.curves["h1"][index], _value_curve(layer), layer.curves["h3"][index], layer.curves["h4"][0]]
                   for layer, index in zip(layers, choice)]
         keep_k, price = _allocate(curves, reader_sizes, sparsity, options.per_reader)
+        keep_k = _shrink(keep_k, uniform, options.allocation_shrinkage)
     return choice, keep_k
+
+
+def _shrink(keep_k: ReaderKeepK, uniform: ReaderKeepK, shrinkage: float) -> ReaderKeepK:
+    """K per reader blended toward the uniform K: round((1 - shrinkage) * K + shrinkage * K_uniform)."""
+    if shrinkage == 0:
+        return keep_k
+    return tuple(tuple(tuple(int(round((1 - shrinkage) * k + shrinkage * u)) for k, u in zip(site_k, site_u))
+                       for site_k, site_u in zip(layer_k, layer_u)) for layer_k, layer_u in zip(keep_k, uniform))
 
 
 def _expand(site_keep_k, reader_sizes) -> ReaderKeepK:
