@@ -43,13 +43,21 @@ from rotsparse.methods import AutoOptions
 
 RESULTS = Path(__file__).parent / "results"
 
+# every residual-basis candidate `auto` can be offered (the calibration that every variant here restricts)
+FULL_ROTATIONS = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
+
 # further ablations / candidate defaults (name -> (library method, AutoOptions restricting auto, coefficients))
 EXTRA_VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
+    "auto-rotations": ("auto", AutoOptions(rotations=FULL_ROTATIONS), None),
     "auto-identity": ("auto", AutoOptions(rotations=("identity",)), None),
     "wina+alloc-no-vrot": ("auto", AutoOptions(rotations=("identity",), value_rotation=False), None),
     "wina+vrot": ("auto", AutoOptions(rotations=("identity",), allocation="uniform"), None),
     "wina-no-vrot": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", value_rotation=False), None),
     "auto-uniform": ("auto", AutoOptions(allocation="uniform"), None),
+    "auto-identity-per-site": ("auto", AutoOptions(rotations=("identity",), per_reader=False), None),
+    "auto-identity-no-vrot-per-site": ("auto", AutoOptions(rotations=("identity",), per_reader=False,
+                                                           value_rotation=False), None),
+    "wina+larosa-coef": ("auto", AutoOptions(rotations=("identity",), allocation="uniform"), (0.8, 1.2, 0.8, 1.2)),
     "auto-no-check-no-runs": ("auto", AutoOptions(rotations=("identity", "global", "pca_sink", "pca_scaled"),
                                                   structure_check=False), None),
 }
@@ -64,8 +72,7 @@ def full_options(options: AutoOptions | None) -> AutoOptions | None:
     """The calibration a variant restricts: the default candidates plus any the variant needs."""
     if options is None:
         return None
-    default = AutoOptions().rotations
-    return AutoOptions(rotations=default + tuple(n for n in options.rotations if n not in default),
+    return AutoOptions(rotations=FULL_ROTATIONS + tuple(n for n in options.rotations if n not in FULL_ROTATIONS),
                        scaling=options.scaling, loss_weighted=options.loss_weighted,
                        value_rotation=options.loss_weighted or not options.scaling)
 
@@ -183,7 +190,7 @@ def main(argv=None) -> None:
                                     site_coefficients=coefficients)
             key = (method, full_options(options))
             if key not in calibrations:
-                label = method if key[1] is None or key[1] == AutoOptions() else \
+                label = method if key[1] is None or key[1] == AutoOptions(rotations=FULL_ROTATIONS) else \
                     f"{method}-{hashlib.sha1(repr(key[1]).encode()).hexdigest()[:8]}"
                 path = (args.cache / f"{args.model}__{calibration_domain.replace('/', '_')}__"
                         f"{args.calibration_sequences}__{label}__{args.calibration_tag}.pt")

@@ -25,8 +25,10 @@ def _add_model_options(parser: argparse.ArgumentParser, sparsity_required: bool 
                         help="parameter-weighted effective sparsity in [0, 1)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="sparsification method (default: the library default, see SparsifyConfig)")
-    parser.add_argument("--calibration", default="embedded",
-                        help="calibration DATA: 'embedded' (calibration part), a .txt/.jsonl/.parquet file or a hub name")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration DATA (calibration part): default the 'mixed' domain (pydoc prose + Python "
+                             "source, rotsparse.data.DEFAULT_CALIBRATION); a domain name, 'embedded', a "
+                             ".txt/.jsonl/.parquet file or a hub name")
     parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences (default 16)")
     parser.add_argument("--calibration-seqlen", type=int, default=2048, help="calibration sequence length (default 2048)")
     parser.add_argument("--check-sequences", type=int, default=2,

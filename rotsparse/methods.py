@@ -17,8 +17,10 @@ requested sparsity, so one calibration serves every sparsity.
      (sqrt(fisher)-weighted) column norms c of the linears reading it, and those linears by diag(1/c);
      Top-K on |x * c| then keeps the channels that move the loss most. The scale lives in the pre-norm
      weight (h1, h3), in v_proj's rows (h2, shared within GQA groups) and in up_proj's rows (h4).
-  2. Per-layer residual basis: identity, one model-level basis shared by all layers (``global``: PCA of
-     the normalised attention inputs averaged over layers), PCA of the layer's normalised attention
+  2. Per-layer residual basis (opt-in, `IN_DOMAIN_ROTATIONS`; the default keeps the identity, because PCA
+     bases fitted to the calibration text raise the Top-K gap on other text): identity, one model-level
+     basis shared by all layers (``global``: PCA of the normalised attention inputs averaged over
+     layers), PCA of the layer's normalised attention
      input with the attention sinks' massive-activation channels left unrotated (``pca_sink``: a full
      PCA spreads them, and Top-K then cuts the sink token that every other token attends to), PCA of
      its norm's output (scale included), or one ``pca_sink`` basis per run of 5 or 10 consecutive layers
@@ -34,8 +36,9 @@ requested sparsity, so one calibration serves every sparsity.
   4. Per layer, a rotation of every value head (PCA of the attention outputs that read it), folded into
      v_proj's rows and o_proj's columns: free at run time (attention mixes each head's values linearly),
      so h2's curve in 3 is the smaller of the two at every K, and each layer takes the one better at its K.
-  5. Structure check (at `sparsify`, per sparsity): the error proxy misranks residual-basis structures (it
-     misses damage to the attention-sink token, rarely among its sampled rows), so 2-4 are run for each
+  5. Structure check (at `sparsify`, per sparsity; only with "run<G>" candidates): the error proxy
+     misranks residual-basis structures (it misses damage to the attention-sink token, rarely among its
+     sampled rows), so 2-4 are run for each
      structure -- all candidates chosen per layer, or one run<G> basis with the identity -- and the
      sparsified model with the lowest real next-token loss on held-out calibration sequences wins.
 ``larosa``: PCA rotation of the normalised attention input in every layer, fixed site coefficients.
@@ -78,6 +81,11 @@ from .topk import allocate_keep_k, attach_output_rotation, site_sizes_from_reade
 CALIBRATED_METHODS = ("auto", "larosa")
 ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
 """Residual-basis candidates (`AutoOptions.rotations`); "run<G>" stands for any run length G >= 2, e.g. "run5"."""
+IN_DOMAIN_ROTATIONS = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
+"""Residual-basis candidates for text like the calibration text (``AutoOptions(rotations=IN_DOMAIN_ROTATIONS)``,
+the default before): they lower the Top-K gap on held-out text of the calibration domain but raise it on other
+text, often above plain Top-K's (PCA bases fitted to one kind of text; docs/quality.md). The default offers the
+identity only."""
 
 
 def run_length(name: str) -> int | None:
@@ -90,8 +98,9 @@ def run_length(name: str) -> int | None:
 class AutoOptions:
     """Switches of the ``auto`` pipeline (the defaults are ``auto``; the others exist for ablations).
 
-    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES`: "identity", "global" (one basis
-        for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
+    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES` (default: the identity only,
+        the one choice that does not depend on the calibration text; `IN_DOMAIN_ROTATIONS` offers them all):
+        "identity", "global" (one basis for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
         normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
         sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
         output), "run<G>" (one basis per run of G consecutive layers: `pca_sink` of the run's summed moments,
@@ -117,7 +126,7 @@ class AutoOptions:
         the calibration text's statistics toward a choice that does not depend on it.
     """
 
-    rotations: tuple[str, ...] = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
+    rotations: tuple[str, ...] = ("identity",)
     scaling: bool = True
     allocation: str = "error"
     loss_weighted: bool = True

@@ -7,7 +7,7 @@ import rotsparse
 from rotsparse.adapters import get_adapter
 from rotsparse.api import calibrate, site_sizes_for
 from rotsparse.config import SITES, SparsifyConfig
-from rotsparse.methods import (ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
+from rotsparse.methods import (IN_DOMAIN_ROTATIONS, ROTATION_CANDIDATES, AutoOptions, Calibration, LayerCalibration, allocate_by_error,
                                choose, choose_value_rotations, fold_rotations, fold_scales, fold_value_rotation,
                                run_length)
 from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_scale, head_block_rotation,
@@ -158,6 +158,7 @@ def test_one_shared_basis_needs_no_residual_adapters(family, tmp_path):
     tokens = random_tokens()
     expected = logits(model, tokens)
     calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS),
                            progress=False).restricted(AutoOptions(rotations=("global",)))
     shared = calibrated.layers[0].rotations[0]
     assert shared is not None and all(layer.rotations[0] is shared for layer in calibrated.layers)
@@ -460,7 +461,8 @@ def test_structure_check_holds_out_sequences_and_takes_the_lowest_check_loss():
     records the scores, and the chosen bases belong to the structure with the lowest check loss."""
     tokens = random_tokens(num_sequences=5, seed=7)
     model = tiny_model("llama", num_layers=4)
-    calibrated = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64), progress=False)
+    calibrated = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64), progress=False,
+                           options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS))
     assert torch.equal(calibrated.check_input_ids, tokens[3:])
     assert calibrated.tokens == 3 * tokens.shape[1]
     structures = calibrated.structures()
@@ -484,3 +486,30 @@ def test_structure_check_holds_out_sequences_and_takes_the_lowest_check_loss():
     assert proxy.rotsparse_plan.check_losses == ()
     off = calibrated.restricted(AutoOptions(structure_check=False))
     assert list(off.structures()) == ["chooser"]
+
+
+def test_default_offers_the_identity_basis_only():
+    """Residual-basis rotations fitted to the calibration text do not transfer to other text (docs/quality.md):
+    the default keeps the identity; `IN_DOMAIN_ROTATIONS` offers the PCA candidates."""
+    assert AutoOptions().rotations == ("identity",)
+    assert "identity" in IN_DOMAIN_ROTATIONS and len(IN_DOMAIN_ROTATIONS) > 1
+    AutoOptions(rotations=IN_DOMAIN_ROTATIONS)  # valid candidates
+
+
+def test_allocation_shrinkage_blends_toward_uniform():
+    from rotsparse.methods import _shrink
+
+    error_k, uniform_k = (((10, 20), (4,)),), (((16, 16), (8,)),)
+    assert _shrink(error_k, uniform_k, 0.0) == error_k
+    assert _shrink(error_k, uniform_k, 1.0) == uniform_k
+    assert _shrink(error_k, uniform_k, 0.5) == (((13, 18), (6,)),)
+    with pytest.raises(ValueError, match="allocation_shrinkage"):
+        AutoOptions(allocation_shrinkage=1.5)
+    model = tiny_model("llama", num_layers=2)
+    calibrated = calibrate(model, calibration=random_tokens(seed=3), config=SparsifyConfig(error_tokens=64),
+                           progress=False)
+    sizes = rotsparse.api.reader_sizes_for(get_adapter(model))
+    _, plain = choose(calibrated, sizes, 0.5, (1.0,) * 4)
+    _, full = choose(calibrated.restricted(AutoOptions(allocation_shrinkage=1.0)), sizes, 0.5, (1.0,) * 4)
+    _, uniform = choose(calibrated.restricted(AutoOptions(allocation="uniform")), sizes, 0.5, (1.0,) * 4)
+    assert full == uniform and plain != uniform
