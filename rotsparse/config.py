@@ -15,11 +15,11 @@ SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
 METHODS = ("auto", "larosa", "topk")
-"""``auto`` (default): loss-weighted (output Fisher) WINA channel scales folded into the weights, a per-layer
-residual basis (identity, one PCA basis shared by all layers or by runs of layers, or the layer's own PCA), a PCA
-rotation of every value head, and K per reader linear (q, k, v, o, gate, up, down) per layer, chosen from
-calibrated Top-K errors in units of loss; the residual-basis structure is confirmed by the real loss on held-out
-calibration sequences (see `rotsparse.methods`). ``larosa``: layerwise PCA rotations folded into the weights, then
+"""``auto`` (default): loss-weighted (output Fisher) WINA channel scales folded into the weights, a PCA rotation
+of every value head, and K per reader linear (q, k, v, o, gate, up, down) per layer, chosen from calibrated Top-K
+errors in units of loss; residual-basis rotations (one PCA basis shared by all layers or by runs of layers, or the
+layer's own PCA, with a structure check by the real loss on held-out calibration sequences) are opt-in
+(`rotsparse.methods.IN_DOMAIN_ROTATIONS`): they help only on text like the calibration text (docs/quality.md). ``larosa``: layerwise PCA rotations folded into the weights, then
 Top-K. ``topk``: Top-K alone (TEAL-style)."""
 
 DEFAULT_SITE_COEFFICIENTS = {
