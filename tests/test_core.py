@@ -181,7 +181,12 @@ def test_config_and_plan_json_round_trip():
     config = SparsifyConfig(sparsity=0.45, method="topk", site_coefficients=(1, 2, 1, 2), num_sequences=3)
     assert SparsifyConfig.from_dict(json.loads(config.to_json())) == config
     model = tiny_model("qwen2")
-    rotsparse.sparsify(model, config=SparsifyConfig(sparsity=0.3), calibration=random_tokens(), progress=False)
+    from rotsparse.methods import IN_DOMAIN_ROTATIONS, AutoOptions
+
+    config = SparsifyConfig(sparsity=0.3)  # with every residual-basis candidate, so that the check runs
+    calibrated = rotsparse.calibrate(model, calibration=random_tokens(), config=config, progress=False,
+                                     options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS))
+    rotsparse.sparsify(model, config=config, calibrated=calibrated, progress=False)
     plan = model.rotsparse_plan
     assert len(plan.residual_bases) == len(plan.value_rotated) == len(plan.keep_k) and plan.check_losses
     restored = SparsityPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
