@@ -100,7 +100,8 @@ class AutoOptions:
 
     rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES` (default: the identity only,
         the one choice that does not depend on the calibration text; `IN_DOMAIN_ROTATIONS` offers them all):
-        "identity", "global" (one basis for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
+        "identity", "global" (one basis for every layer: PCA of the normalised attention inputs averaged over
+        layers), "pca" (the layer's
         normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
         sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
         output), "run<G>" (one basis per run of G consecutive layers: `pca_sink` of the run's summed moments,
@@ -123,7 +124,8 @@ class AutoOptions:
     allocation_shrinkage: with error allocation, s in [0, 1]: every reader's K becomes (1 - s) x its
         error-allocated K + s x the uniform K of its site (`SparsifyConfig.coefficients`), rounded; both meet
         the parameter budget, so the blend does too (up to rounding). Shrinks per-layer choices that follow
-        the calibration text's statistics toward a choice that does not depend on it.
+        the calibration text's statistics toward a choice that does not depend on it (an ablation: it lost in
+        domain and gained nothing out of domain, docs/quality.md).
     """
 
     rotations: tuple[str, ...] = ("identity",)
