@@ -21,7 +21,7 @@ from torch import nn
 from .budget import allocate_keep_k
 from .choose import ReaderKeepK, choose_value_rotations, planned
 from .config import AutoOptions, SparsifyConfig
-from .data import calibration_batch, is_dataset_source, load_texts
+from .data import DEFAULT_CALIBRATION, calibration_batch, is_dataset_source, load_texts
 from .evaluation import mean_loss
 from .families import Family, get_family
 from .fold import fold_choices
@@ -41,7 +41,8 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
              progress: bool = True, calibrated: Calibration | None = None, **config_fields) -> nn.Module:
     """Make `model` run with fixed per-token Top-K activations; returns the same model, changed in place.
 
-    calibration: "embedded" / None (the embedded corpus' calibration part), a path or dataset name
+    calibration: None (`rotsparse.data.DEFAULT_CALIBRATION`: the calibration part of the "mixed" domain, the
+        embedded pydoc corpus and Python standard-library source), a domain name, "embedded", a path or dataset name
         (see `rotsparse.data.load_texts`), a list of strings, or token ids (n, seq).
     config: a full `SparsifyConfig`; otherwise one is built from `sparsity`, `method` and `config_fields`.
     calibrated: the result of `calibrate` on this same (dense) model, to reuse one calibration for
@@ -245,7 +246,7 @@ def _calibration_tokens(tokenizer, calibration, config: SparsifyConfig, held_out
         return calibration.long(), None
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to calibrate on text")
-    texts = load_texts("embedded" if calibration is None else calibration, part="calibration")
+    texts = load_texts(DEFAULT_CALIBRATION if calibration is None else calibration, part="calibration")
     input_ids = calibration_batch(tokenizer, texts, num_sequences=config.num_sequences + held_out,
                                   sequence_length=config.sequence_length)
     return input_ids, None

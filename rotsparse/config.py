@@ -18,6 +18,10 @@ SITES = ("h1", "h2", "h3", "h4")
 
 ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
 """Residual-basis candidates (`AutoOptions.rotations`); "run<G>" stands for any run length G >= 2, e.g. "run5"."""
+IN_DOMAIN_ROTATIONS = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
+"""Every residual-basis candidate, for text like the calibration text (``AutoOptions(rotations=IN_DOMAIN_ROTATIONS)``):
+PCA bases fitted to the calibration text lower the Top-K gap on held-out text of that kind but raise it on other
+text, often above plain Top-K's (docs/quality.md), so ``auto`` offers the identity only by default."""
 
 MLP_ACTIVATIONS = (None, "relu2")
 """``mlp_activation`` choices: None keeps the model's own; ``relu2`` is squared ReLU (Q-Sparse, from scratch)."""
@@ -39,7 +43,8 @@ def _field(default, help: str, **metadata):
 class AutoOptions:
     """Switches of the calibrated pipeline (the defaults are ``auto``; the others exist for ablations).
 
-    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES`: "identity", "global" (one basis
+    rotations: candidate residual bases per layer, from `ROTATION_CANDIDATES` (default: the identity only, the one
+        choice that does not depend on the calibration text; `IN_DOMAIN_ROTATIONS` offers all): "identity", "global" (one basis
         for every layer: PCA of the normalised attention inputs averaged over layers), "pca" (the layer's
         normalised attention input), "pca_sink" (the same, leaving the few channels that hold the attention
         sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
@@ -62,8 +67,8 @@ class AutoOptions:
         misses damage to the attention-sink token.
     """
 
-    rotations: tuple[str, ...] = _field(("identity", "global", "pca_sink", "pca_scaled", "run5", "run10"),
-                                        "candidate residual bases per layer", metavar="NAME")
+    rotations: tuple[str, ...] = _field(("identity",), "candidate residual bases per layer (all of them: "
+                                        + " ".join(IN_DOMAIN_ROTATIONS) + ")", metavar="NAME")
     scaling: bool = _field(True, "fold WINA column-norm scales")
     allocation: str = _field("error", "K from calibrated error curves, or uniform by site coefficients",
                              choices=lambda: ("error", "uniform"))
@@ -121,10 +126,10 @@ def register_method(method: Method) -> Method:
 
 register_method(Method(
     "auto", options=AutoOptions(), tunable=True, check_held_out=True,
-    description="loss-weighted WINA channel scales, a residual basis per layer (identity, shared or PCA), "
-                "value-head rotations and K per reader linear from calibrated Top-K errors in units of loss; "
-                "the residual-basis structure confirmed by the real loss on held-out calibration sequences "
-                "(`rotsparse.measure`, `rotsparse.choose`)"))
+    description="loss-weighted WINA channel scales, value-head rotations and K per reader linear from calibrated "
+                "Top-K errors in units of loss; residual-basis rotations (with a structure check by the real loss "
+                "on held-out calibration sequences) only if asked for (`IN_DOMAIN_ROTATIONS`): they do not carry "
+                "to text unlike the calibration text (`rotsparse.measure`, `rotsparse.choose`)"))
 register_method(Method(
     "larosa", site_coefficients=(0.8, 1.2, 0.8, 1.2),  # LaRoSA's release: h1/h3 less sparse, h2/h4 more
     options=AutoOptions(rotations=("pca",), scaling=False, allocation="uniform", loss_weighted=False,

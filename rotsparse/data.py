@@ -6,6 +6,12 @@ Sources (see :func:`load_texts`)
   ``help("topic")``, English, about 113k tokens with the SmolLM2 or Gemma-3
   tokenizer).  It ships with every Python, so calibration and a quick
   perplexity check work with no download at all.
+* a named offline **domain** (:data:`DOMAINS`, :func:`domain_texts`), as
+  ``"domain:NAME"`` or the plain name: ``"pydoc"`` (= ``"embedded"``),
+  ``"python-code"``, ``"licenses"``, ``"debian-docs"``, ``"translations"``,
+  and ``"mixed"`` (equal shares of ``"pydoc"`` and ``"python-code"``: the
+  default calibration text, see :data:`DEFAULT_CALIBRATION`).  Each is split
+  by document into disjoint calibration / evaluation parts.
 * a ``list`` of strings, a local ``.txt`` / ``.jsonl`` / ``.parquet`` file,
 * a hub dataset name: ``"wikitext2"``, ``"c4"``, or any name that
   ``datasets.load_dataset`` accepts (needs internet, or a local HF cache).
@@ -35,10 +41,16 @@ with a BOS, or ``L`` text tokens without one.
 
 from __future__ import annotations
 
+import functools
+import gettext
+import gzip
+import hashlib
 import json
 import os
 import sys
+import sysconfig
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +60,16 @@ import torch
 
 __all__ = [
     "DatasetText",
+    "DEFAULT_CALIBRATION",
+    "DOMAINS",
     "EMBEDDED_EVAL_EVERY",
     "EMBEDDED_EVAL_OFFSET",
     "HUB_ALIASES",
     "bos_token_id",
     "calibration_batch",
     "dataset_texts",
+    "check_disjoint",
+    "domain_texts",
     "embedded_texts",
     "is_dataset_source",
     "load_texts",
@@ -116,6 +132,218 @@ def embedded_texts(part: Part = "calibration") -> list[str]:
 
 
 # --------------------------------------------------------------------------
+# named offline domains
+# --------------------------------------------------------------------------
+#
+# Every domain is a list of documents read from files the machine already has,
+# each document keyed by its path (relative to its root).  Split rule: a
+# document belongs to the evaluation part when crc32(key) % DOMAIN_EVAL_EVERY
+# == DOMAIN_EVAL_OFFSET, else to the calibration part (stable when files are
+# added or removed).  Documents are cut to DOMAIN_DOCUMENT_CHARS characters
+# (so that a few thousand tokens span many documents) and ordered by a hash of
+# their key (deterministic, and no part starts with one sub-topic).  Boilerplate
+# repeated across documents (licence headers, GPL paragraphs) is dropped: a
+# paragraph (block between blank lines) of 40+ characters is kept only in the
+# first document, in key order, that has it, so the two parts share no such
+# paragraph (`check_disjoint`).
+
+#: Prefix that marks a domain name in :func:`load_texts` (plain names work too).
+DOMAIN_PREFIX = "domain:"
+DOMAIN_EVAL_EVERY = 5
+DOMAIN_EVAL_OFFSET = 2
+DOMAIN_DOCUMENT_CHARS = 6000
+
+#: Named offline domains, and what each holds.
+DOMAINS: dict[str, str] = {
+    "pydoc": "CPython's pydoc_data.topics (English technical prose): the 'embedded' split, less the evaluation "
+             "paragraphs that also occur in a calibration topic",
+    "python-code": "the Python standard library's .py sources (code, comments, docstrings; tests excluded)",
+    "licenses": "licence and copyright texts: /usr/share/common-licenses/*, /usr/share/doc/*/copyright (Debian), "
+                "the Python install's LICENSE.txt",
+    "debian-docs": "package documentation: README*, NEWS*, *.md / *.txt under /usr/share/doc (Debian; .gz read), "
+                   "changelogs and copyright files excluded",
+    "translations": "multilingual UI messages: the translated strings (msgstr) of every gettext catalogue "
+                    "/usr/share/locale/*/LC_MESSAGES/*.mo (ISO code tables excluded), one document per catalogue",
+    "mixed": "equal shares of 'pydoc' and 'python-code', interleaved in chunks (DEFAULT_CALIBRATION)",
+}
+
+#: The domains whose parts "mixed" interleaves.  Both ship with every Python, so the
+#: default calibration text needs nothing else; "licenses", "debian-docs" and
+#: "translations" stay out of it, so calibration on it can be evaluated out of domain.
+MIXED_DOMAINS = ("pydoc", "python-code")
+MIXED_CHUNK_CHARS = 2000
+
+#: What calibration uses when the user gives no text (`rotsparse.sparsify(calibration=None)`).
+DEFAULT_CALIBRATION = "mixed"
+
+
+def domain_texts(name: str, part: Part = "calibration") -> list[str]:
+    """One part of a named offline domain (:data:`DOMAINS`; ``"domain:NAME"`` or NAME).
+
+    Deterministic for a given set of files on the machine; the calibration and evaluation parts share no
+    document and no paragraph of 40+ characters.  Raises ValueError for an unknown name and FileNotFoundError
+    when the domain's files are not on this machine.
+    """
+    _check_part(part)
+    key = name[len(DOMAIN_PREFIX):] if name.startswith(DOMAIN_PREFIX) else name
+    if key not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; choose one of {', '.join(DOMAINS)}")
+    if key == "pydoc":
+        return list(_pydoc_split()[0 if part == "calibration" else 1])
+    if key == "mixed":
+        return _interleave([domain_texts(domain, part) for domain in MIXED_DOMAINS], MIXED_CHUNK_CHARS)
+    return list(_split_domain(key)[0 if part == "calibration" else 1])
+
+
+def check_disjoint(calibration: Sequence[str], evaluation: Sequence[str], min_chars: int = 40) -> None:
+    """Raise ValueError if an evaluation paragraph of `min_chars`+ characters (half of them letters or digits)
+    also occurs in the calibration text (paragraphs: blocks between blank lines, whitespace-stripped)."""
+    def substantial(paragraph: str) -> bool:  # rules of "=====" and the like do not count
+        return len(paragraph) >= min_chars and sum(c.isalnum() for c in paragraph) >= min_chars // 2
+
+    seen = {p for text in calibration for p in _paragraphs(text) if substantial(p)}
+    shared = [p for text in evaluation for p in _paragraphs(text) if substantial(p) and p in seen]
+    if shared:
+        raise ValueError(f"{len(shared)} evaluation paragraphs also occur in the calibration text, e.g. "
+                         f"{shared[0][:80]!r}")
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [block.strip() for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+
+
+def _interleave(parts: list[list[str]], chunk_chars: int) -> list[str]:
+    """Round-robin chunks of about `chunk_chars` characters (cut at paragraph ends) from each list of
+    documents, until the shortest list runs out: equal shares of every source at any prefix."""
+    def chunks(texts):
+        for text in texts:
+            current = ""
+            for paragraph in text.split("\n\n"):
+                current = f"{current}\n\n{paragraph}" if current else paragraph
+                if len(current) >= chunk_chars:
+                    yield current
+                    current = ""
+            if current.strip():
+                yield current
+
+    streams = [chunks(texts) for texts in parts]
+    out = []
+    while True:
+        row = [next(stream, None) for stream in streams]
+        if any(chunk is None for chunk in row):
+            return out
+        out.extend(row)
+
+
+def _documents(name: str) -> dict[str, str]:
+    """key -> raw text of every document of a file-based domain found on this machine."""
+
+    def read(path: Path) -> str:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        return data.decode("utf-8", errors="replace")
+
+    documents: dict[str, str] = {}
+    if name == "python-code":
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        for path in sorted(stdlib.rglob("*.py")):
+            relative = path.relative_to(stdlib).as_posix()
+            if relative.startswith(("test/", "site-packages/", "dist-packages/", "lib2to3/tests/",
+                                    "idlelib/idle_test/", "tkinter/test/")) or "/tests/" in relative:
+                continue
+            documents[relative] = read(path)
+    elif name == "licenses":
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        roots = [(Path("/usr/share/common-licenses"), "*"), (Path("/usr/share/doc"), "*/copyright")]
+        for root, pattern in roots:
+            if root.is_dir():
+                for path in sorted(root.glob(pattern)):
+                    if path.is_file():
+                        documents[str(path)] = read(path)
+        if (stdlib / "LICENSE.txt").is_file() and documents:
+            documents[str(stdlib / "LICENSE.txt")] = read(stdlib / "LICENSE.txt")
+    elif name == "debian-docs":
+        root = Path("/usr/share/doc")
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                base = path.name.lower().removesuffix(".gz")
+                if (path.is_file() and not path.is_symlink()
+                        and (base.startswith(("readme", "news")) or base.endswith((".md", ".txt", ".rst")))
+                        and "changelog" not in base and "copyright" not in base):
+                    documents[path.relative_to(root).as_posix()] = read(path)
+    elif name == "translations":
+
+        root = Path("/usr/share/locale")
+        if root.is_dir():
+            for path in sorted(root.glob("*/LC_MESSAGES/*.mo")):
+                if path.name.startswith("iso_"):  # ISO code tables: lists of names, not messages
+                    continue
+                try:
+                    with path.open("rb") as handle:
+                        catalog = gettext.GNUTranslations(handle)._catalog
+                except Exception:  # a malformed catalogue is skipped, whatever gettext raises
+                    continue
+                strings = [value for msgid, value in sorted(catalog.items(), key=lambda item: str(item[0]))
+                           if isinstance(value, str) and msgid and value.strip() and value != msgid]
+                if strings:
+                    documents[path.relative_to(root).as_posix()] = "\n".join(strings)
+    return documents
+
+
+@functools.lru_cache(maxsize=None)
+def _pydoc_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The embedded split, with every paragraph of 40+ characters that also occurs in a calibration topic
+    (grammar rules, shared examples) removed from the evaluation topics."""
+    calibration = embedded_texts("calibration")
+    seen = {p for text in calibration for p in _paragraphs(text) if len(p) >= 40}
+    evaluation = []
+    for text in embedded_texts("evaluation"):
+        kept = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip() and not
+                (len(p.strip()) >= 40 and p.strip() in seen)]
+        if kept:
+            evaluation.append("\n\n".join(kept))
+    return tuple(calibration), tuple(evaluation)
+
+
+def _order(key: str) -> str:
+
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _split_domain(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calibration, evaluation) documents of a file-based domain: paragraph-deduplicated in key order,
+    cut to DOMAIN_DOCUMENT_CHARS, split by crc32 of the key, each part in hash order."""
+
+    raw = _documents(name)
+    if not raw:
+        raise FileNotFoundError(f"domain {name!r} needs files this machine does not have ({DOMAINS[name]})")
+    seen: set[str] = set()
+    parts: tuple[list, list] = ([], [])
+    for key in sorted(raw):
+        kept, size = [], 0
+        for paragraph in raw[key].replace("\r\n", "\n").split("\n\n"):
+            if size >= DOMAIN_DOCUMENT_CHARS:
+                break
+            paragraph = paragraph.strip("\n")[: DOMAIN_DOCUMENT_CHARS - size]  # cut before comparing
+            stripped = paragraph.strip()
+            if not stripped:
+                continue
+            if len(stripped) >= 40:
+                if stripped in seen:
+                    continue
+                seen.add(stripped)
+            kept.append(paragraph)
+            size += len(paragraph) + 2
+        text = "\n\n".join(kept)
+        if len(text.strip()) < 200 or text in seen:  # too little left, or a copy of an earlier document
+            continue
+        seen.add(text)
+        held_out = zlib.crc32(key.encode("utf-8")) % DOMAIN_EVAL_EVERY == DOMAIN_EVAL_OFFSET
+        parts[held_out].append((_order(key), text))
+    return tuple(text for _, text in sorted(parts[0])), tuple(text for _, text in sorted(parts[1]))
+
+
+# --------------------------------------------------------------------------
 # load_texts
 # --------------------------------------------------------------------------
 
@@ -127,7 +355,8 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
     ``datasets.Dataset`` (its ``"text"`` column; see `dataset_texts`), a list of strings
     (returned as a list after checking), a path to a ``.txt`` (documents
     separated by blank lines), ``.jsonl`` (a ``"text"`` field per line) or
-    ``.parquet`` file (a ``"text"`` column), or a hub dataset name
+    ``.parquet`` file (a ``"text"`` column), a named offline domain
+    (``"domain:NAME"`` or NAME from :data:`DOMAINS`; the given ``part``), or a hub dataset name
     (``"wikitext2"``, ``"c4"`` or any ``datasets.load_dataset`` name; the
     ``part`` picks the train split for calibration and the test/validation
     split for evaluation).  Local files are the same for both parts.
@@ -144,6 +373,8 @@ def load_texts(source: str | os.PathLike | Sequence[str], part: Part = "calibrat
         )
     if isinstance(source, str) and source == "embedded":
         return embedded_texts(part)
+    if isinstance(source, str) and (source.startswith(DOMAIN_PREFIX) or source in DOMAINS):
+        return domain_texts(source, part)
     if _looks_local(source):
         return _load_local(Path(source).expanduser())
     return _load_hub(str(source), part)

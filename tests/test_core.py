@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import rotsparse
 from rotsparse.budget import allocate_keep_k
-from rotsparse.config import SITES, SparsifyConfig
+from rotsparse.config import IN_DOMAIN_ROTATIONS, SITES, AutoOptions, SparsifyConfig
 from rotsparse.plan import SparsityPlan
 from rotsparse.rotation import fold_input, pca_rotation, residual_rotation, rotate_output, sink_preserving_rotation
 from rotsparse.runtime import TopKLinear
@@ -184,7 +184,9 @@ def test_config_and_plan_json_round_trip():
     config = SparsifyConfig(sparsity=0.45, method="topk", site_coefficients=(1, 2, 1, 2), num_sequences=3)
     assert SparsifyConfig.from_dict(json.loads(config.to_json())) == config
     model = tiny_model("qwen2")
-    rotsparse.sparsify(model, config=SparsifyConfig(sparsity=0.3), calibration=random_tokens(), progress=False)
+    # every residual-basis candidate, so that the structure check runs and the plan records its losses
+    config = SparsifyConfig(sparsity=0.3, options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS))
+    rotsparse.sparsify(model, config=config, calibration=random_tokens(), progress=False)
     plan = model.rotsparse_plan
     assert len(plan.residual_bases) == len(plan.value_rotated) == len(plan.keep_k) and plan.check_losses
     restored = SparsityPlan.from_dict(json.loads(json.dumps(plan.to_dict())))

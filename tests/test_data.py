@@ -288,3 +288,75 @@ def test_a_single_string_is_not_taken_as_documents(byte_tokenizer):
         token_stream(byte_tokenizer, "abc")
     with pytest.raises(TypeError, match="not a single string"):
         calibration_batch(byte_tokenizer, "abc" * 200)
+
+
+# --------------------------------------------------------------------------
+# named offline domains
+# --------------------------------------------------------------------------
+
+
+def _available(name: str) -> bool:
+    try:
+        data.domain_texts(name, "evaluation")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(data.DOMAINS))
+def test_domain_split_is_deterministic_and_disjoint(name):
+    if not _available(name):
+        pytest.skip(f"domain {name!r}: its files are not on this machine")
+    data._split_domain.cache_clear()
+    data._pydoc_split.cache_clear()
+    calibration = data.domain_texts(name, "calibration")
+    evaluation = data.domain_texts(name, "evaluation")
+    data._split_domain.cache_clear()
+    data._pydoc_split.cache_clear()
+    assert calibration == data.domain_texts(name, "calibration")
+    assert evaluation == data.domain_texts(name, "evaluation")
+    assert calibration and evaluation
+    assert not set(calibration) & set(evaluation)
+    data.check_disjoint(calibration, evaluation)  # no shared paragraph of 40+ characters
+    # bytes >= tokens: enough held-out text for a 4096-token evaluation
+    assert sum(len(t) for t in evaluation) > 30_000
+    assert load_texts(name, part="evaluation") == evaluation
+    assert load_texts("domain:" + name, part="calibration") == calibration
+
+
+def test_domain_parts_do_not_leak_into_each_other():
+    # the default calibration text ("mixed") shares nothing with any domain's evaluation part
+    mixed = data.domain_texts(data.DEFAULT_CALIBRATION, "calibration")
+    for name in data.DOMAINS:
+        if _available(name):
+            data.check_disjoint(mixed, data.domain_texts(name, "evaluation"))
+    assert not set(data.MIXED_DOMAINS) & {"licenses", "debian-docs", "translations"}
+
+
+def test_mixed_interleaves_equal_shares():
+    chunks = data._interleave([["a" * 10 + "\n\n" + "b" * 10], ["c" * 10, "d" * 10, "e" * 10]], chunk_chars=5)
+    assert chunks == ["a" * 10, "c" * 10, "b" * 10, "d" * 10]
+
+
+def test_check_disjoint_raises_on_shared_paragraph():
+    shared = "x" * 50
+    data.check_disjoint(["a\n\n" + "y" * 50], ["a\n\n" + shared])  # short paragraphs may repeat
+    with pytest.raises(ValueError, match="also occur"):
+        data.check_disjoint(["a\n\n" + shared], ["b\n\n" + shared + "\n\n"])
+
+
+def test_unknown_domain_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown domain 'domain:nope'"):
+        load_texts("domain:nope")
+    with pytest.raises(ValueError, match="unknown domain"):
+        data.domain_texts("nope", "evaluation")
+
+
+def test_missing_domain_files_are_a_clear_error(monkeypatch):
+    monkeypatch.setattr(data, "_documents", lambda name: {})
+    data._split_domain.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="needs files this machine does not have"):
+            data.domain_texts("licenses", "calibration")
+    finally:
+        data._split_domain.cache_clear()

@@ -7,7 +7,8 @@ import rotsparse
 from rotsparse.api import calibrate
 from rotsparse.budget import allocate_by_error
 from rotsparse.choose import choose, choose_value_rotations
-from rotsparse.config import ROTATION_CANDIDATES, SITES, AutoOptions, SparsifyConfig, run_length
+from rotsparse.config import (IN_DOMAIN_ROTATIONS, ROTATION_CANDIDATES, SITES, AutoOptions, SparsifyConfig,
+                              run_length)
 from rotsparse.families import get_family
 from rotsparse.fold import fold_rotations, fold_scales, fold_value_rotation
 from rotsparse.measure import Calibration, LayerCalibration
@@ -165,6 +166,7 @@ def test_one_shared_basis_needs_no_residual_adapters(family, tmp_path):
     tokens = random_tokens()
     expected = logits(model, tokens)
     calibrated = calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64),
+                           options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS),
                            progress=False).restricted(AutoOptions(rotations=("global",)))
     shared = calibrated.layers[0].rotations[0]
     assert shared is not None and all(layer.rotations[0] is shared for layer in calibrated.layers)
@@ -467,7 +469,8 @@ def test_structure_check_holds_out_sequences_and_takes_the_lowest_check_loss():
     records the scores, and the chosen bases belong to the structure with the lowest check loss."""
     tokens = random_tokens(num_sequences=5, seed=7)
     model = tiny_model("llama", num_layers=4)
-    calibrated = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64), progress=False)
+    calibrated = calibrate(model, calibration=tokens, config=SparsifyConfig(error_tokens=64), progress=False,
+                           options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS))
     assert torch.equal(calibrated.check_input_ids, tokens[3:])
     assert calibrated.tokens == 3 * tokens.shape[1]
     structures = calibrated.structures()
@@ -491,3 +494,12 @@ def test_structure_check_holds_out_sequences_and_takes_the_lowest_check_loss():
     assert proxy.rotsparse_plan.check_losses == ()
     off = calibrated.restricted(AutoOptions(structure_check=False))
     assert list(off.structures()) == ["chooser"]
+
+
+def test_default_offers_the_identity_basis_only():
+    """Residual-basis rotations fitted to the calibration text do not transfer to other text (docs/quality.md):
+    the default keeps the identity; `IN_DOMAIN_ROTATIONS` offers the PCA candidates."""
+    assert AutoOptions().rotations == ("identity",)
+    assert SparsifyConfig().resolved_options.rotations == ("identity",)
+    assert "identity" in IN_DOMAIN_ROTATIONS and len(IN_DOMAIN_ROTATIONS) > 1
+    AutoOptions(rotations=IN_DOMAIN_ROTATIONS)  # valid candidates

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import rotsparse
 from rotsparse import api, fold, measure, runtime
-from rotsparse.config import SparsifyConfig
+from rotsparse.config import IN_DOMAIN_ROTATIONS, AutoOptions, SparsifyConfig
 from rotsparse.evaluation import zero_shot
 from rotsparse.measure import LossSensitivity
 from rotsparse.models import load_model
@@ -180,7 +180,7 @@ def test_nan_in_an_untied_lm_head_is_named_and_nothing_is_folded():
 def test_non_finite_calibration_results_are_named_with_their_layer(what, site):
     model = tiny_model("llama", num_layers=3)
     calibrated = rotsparse.calibrate(model, calibration=CALIBRATION, config=SparsifyConfig(error_tokens=64),
-                                     progress=False)
+                                     progress=False, options=AutoOptions(rotations=IN_DOMAIN_ROTATIONS))
     layer = calibrated.layers[1]
     values = getattr(layer, what)[site] if site else getattr(layer, what)
     index = next(i for i, tensor in enumerate(values) if tensor is not None)
