@@ -13,7 +13,8 @@ from DRAM as in real decoding):
 GB/s is computed on the bytes each call must read: int8 ``K * out`` + the ``out`` float32 scales; int4
 ``K * out / 2`` + the float16 scale rows of every group (all groups hold a kept channel at these sparsities);
 bf16 ``in * out * 2``. The table reports, per shape, GB/s, the sparse kernel's GB/s as a fraction of its dense
-form's, and the speed-ups of each kernel over the int dense form and over bf16 dense (median times).
+form's, and the speed-ups of each kernel over the int dense form and over bf16 dense (median times, or with
+``--stat min`` the fastest call of each, for a machine shared with other jobs).
 
 Usage (one thread pinned to one core; the numbers in eval/results/quantized.md)::
 
@@ -76,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=20, help="passes over the weight pool per method")
     parser.add_argument("--pool-factor", type=float, default=2.0, help="bf16 weight pool size / last-level cache")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="statistic of the times (min: the least disturbed call, for busy machines)")
     parser.add_argument("--out", default=None, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -86,15 +89,16 @@ def main(argv=None):
              f"- CPU: {cpu_name()}, last-level cache {llc_bytes() >> 20} MiB, bf16 pool >= {pool >> 20} MiB; "
              f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
              f"AVX-512 path: {bool(torch.ops.rotsparse_cpp.has_avx512())}; int4 group size {args.group_size}",
-             f"- {args.reps} passes over the pool per method, interleaved; median times; load average at start "
+             f"- {args.reps} passes over the pool per method, interleaved; {args.stat} times; load average at start "
              f"{loadavg()}", "",
-             "| shape (in x out) | kernel | K | median us | GB/s | GB/s vs its dense | speed-up vs its dense "
+             f"| shape (in x out) | kernel | K | {args.stat} us | GB/s | GB/s vs its dense | speed-up vs its dense "
              "| speed-up vs bf16 dense |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name, n_in, n_out, _ in LLAMA2_7B_SHAPES:
         times, nbytes = bench_shape(n_in, n_out, args.sparsity, args.group_size, args.reps, pool)
-        median = {method: statistics.median(values) for method, values in times.items()}
+        stat = statistics.median if args.stat == "median" else min
+        median = {method: stat(values) for method, values in times.items()}
         for method, seconds in median.items():
             bits = method.split()[0]
             dense = f"{bits} dense"

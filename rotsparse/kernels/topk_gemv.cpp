@@ -474,9 +474,12 @@ inline int int4_at(const uint8_t* row, int64_t out, int64_t c) {
 }
 
 // part[0..len) += sum_r xs[r] * n[idx[r], j0 + j]: rows idx[s0..s1) of the packed weight.
+// Rows idx[s1..K) follow (other groups): the next R rows are prefetched while
+// these stream, as scattered rows of out/2 bytes are too short for the hardware
+// prefetchers to ramp up on.
 void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* RS_RESTRICT P,
                           int64_t out, int64_t j0, const int64_t* RS_RESTRICT idx,
-                          const float* RS_RESTRICT xs, int64_t s0, int64_t s1) {
+                          const float* RS_RESTRICT xs, int64_t s0, int64_t s1, int64_t K) {
   const int64_t ldp = out / 2;
   // Full blocks of 32 columns inside [j0, j0 + len) (j0 is a multiple of 32).
   const int64_t full = std::min(len, (out / kInt4Block) * kInt4Block - j0);
@@ -488,11 +491,15 @@ void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* R
   for (; s + R <= s1; s += R) {
     const uint8_t* p[R];
     __m512 xb[R];
+    const uint8_t* q[R];
     for (int r = 0; r < R; ++r) {
       p[r] = P + idx[s + r] * ldp + j0 / 2;
+      q[r] = s + R + r < K ? P + idx[s + R + r] * ldp + j0 / 2 : p[r];
       xb[r] = _mm512_set1_ps(xs[s + r]);
     }
     for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      if ((j & (4 * kInt4Block - 1)) == 0)
+        for (int r = 0; r < R; ++r) RS_PREFETCH(q[r] + j / 2);
       __m512 a0 = _mm512_loadu_ps(part + j), a1 = _mm512_loadu_ps(part + j + 16);
       for (int r = 0; r < R; ++r) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + j / 2));
@@ -507,8 +514,10 @@ void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* R
   }
   for (; s < s1; ++s) {
     const uint8_t* p = P + idx[s] * ldp + j0 / 2;
+    const uint8_t* q = s + R < K ? P + idx[s + R] * ldp + j0 / 2 : p;
     const __m512 xb = _mm512_set1_ps(xs[s]);
     for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      if ((j & (4 * kInt4Block - 1)) == 0) RS_PREFETCH(q + j / 2);
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j / 2));
       const __m128i lo = _mm_and_si128(b, low4);
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
@@ -573,7 +582,7 @@ void accumulate_int4(float* RS_RESTRICT acc, int64_t len, const uint8_t* P, cons
     float xsum = 0.f;
     for (int64_t r = s; r < e; ++r) xsum += xs[r];
     std::memset(part, 0, sizeof(float) * len);
-    accumulate_int4_rows(part, len, P, out, j0, idx, xs, s, e);
+    accumulate_int4_rows(part, len, P, out, j0, idx, xs, s, e, K);
     const c10::Half* sg = S + g * out + j0;
     int64_t j = 0;
 #if RS_AVX512
@@ -605,10 +614,11 @@ void gemv_rows_int8(const int8_t* Q, const float* scale, int64_t out, const int6
 template <typename Y>
 void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t group,
                     const int64_t* idx, const float* xs, int64_t K, const float* bias, Y* y) {
-  // Tiles of whole 128-column blocks (64 bytes of a packed row), at most 2048
-  // columns so that acc and the group sums stay in L1.
+  // Tiles of whole 128-column blocks (64 bytes of a packed row), sub-rows of up
+  // to RS_MAX_TILE_BYTES like the other formats: shorter runs of scattered rows
+  // (1 KB) defeat the hardware prefetchers.
   gemv_driver(
-      out, K, 4 * kInt4Block, 2048, idx, xs,
+      out, K, 4 * kInt4Block, 2 * RS_MAX_TILE_BYTES, idx, xs,
       [&](float* acc, int64_t j0, int64_t len, const int64_t* rows, const float* vals, int64_t n) {
         std::vector<float> part(static_cast<size_t>(len) + 16);
         accumulate_int4(acc, len, P, S, out, group, j0, rows, vals, n, part.data());
