@@ -141,6 +141,8 @@ def validate(model: nn.Module, tokenizer, calibration, config: SparsifyConfig, c
         if bad:
             raise ValueError(f"block_size {config.block_size} does not divide the Top-K input widths {bad} "
                              f"(all widths: {widths})")
+    if config.weight_bits is not None:
+        _check_quantizable(model, family, config)
     if calibrated is not None:
         if not isinstance(calibrated, Calibration):
             raise TypeError(f"calibrated must be the result of rotsparse.calibrate, got {type(calibrated).__name__}")
@@ -154,6 +156,21 @@ def validate(model: nn.Module, tokenizer, calibration, config: SparsifyConfig, c
     elif config.spec.calibrated:
         _check_calibration_source(model, tokenizer, calibration)
     return family
+
+
+def _check_quantizable(model: nn.Module, family: Family, config: SparsifyConfig) -> None:
+    """ValueError unless every Top-K linear can take `config.weight_bits` (int4: `group_size` divides its input
+    width and its output width is even); accelerate-offloaded models are not quantized."""
+    if is_offloaded(model):
+        raise ValueError("weight_bits: quantizing an accelerate-offloaded model is not supported; load it on one device")
+    if config.weight_bits != 4:
+        return
+    shapes = sorted({(width, params // width) for layer in reader_sizes_for(family) for site in layer
+                     for width, params in site})
+    bad = [(width, out) for width, out in shapes if width % config.group_size or out % 2]
+    if bad:
+        raise ValueError(f"weight_bits=4 needs group_size {config.group_size} to divide every Top-K linear's input "
+                         f"width and even output widths; (input, output) widths {bad} do not fit (all: {shapes})")
 
 
 def _check_calibration_source(model: nn.Module, tokenizer, calibration) -> None:

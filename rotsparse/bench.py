@@ -21,7 +21,7 @@ from .compiled import compile as compile_model, compile_function, eager_forward
 from .config import SparsifyConfig
 from .families import get_family
 from .plan import SparsityPlan, attach_plan, plan_of, site_sizes_for
-from .runtime import ROTATION_BUFFER, TopKLinear, attach_output_rotation, install_topk
+from .runtime import ROTATION_BUFFER, QuantizedTopKLinear, TopKLinear, attach_output_rotation, install_topk
 
 SYNTHETIC_SHAPES = {
     # hidden, intermediate, heads, kv heads, vocab, full depth
@@ -67,7 +67,8 @@ def _inv_freq(config) -> torch.Tensor:
 def weight_bytes(model: nn.Module) -> dict[str, float]:
     """Bytes a batch-1 decode step must read: decoder layers (sparse linears at K/in), and the whole model.
 
-    Counts every linear weight and rotation matrix; embeddings count one row per token (negligible).
+    Counts every linear weight (quantized ones: the kept rows and all their scales) and rotation matrix;
+    embeddings count one row per token (negligible).
     """
     in_layers_ids = {id(module) for layer in get_family(model).layers for module in layer.modules()}
     layers = head = 0.0
@@ -78,7 +79,10 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
                 layers += buffer.numel() * buffer.element_size()
         if isinstance(module, nn.Linear):
             fraction = module.keep_k / module.in_features if isinstance(module, TopKLinear) else 1.0
-            size = module.weight.numel() * module.weight.element_size() * fraction
+            if isinstance(module, QuantizedTopKLinear):  # kept rows of the weight; every scale (int4: each group
+                size = module.qweight.nbytes * fraction + module.qscale.nbytes  # holds a kept channel)
+            else:
+                size = module.weight.numel() * module.weight.element_size() * fraction
             if in_layers:
                 layers += size
             else:

@@ -84,8 +84,8 @@ def _add_dataclass_arguments(group, cls, prefix: str = "") -> None:
         elif isinstance(default, tuple) or metadata.get("nargs"):
             kwargs.update(nargs=metadata.get("nargs", "+"), type=metadata.get("type", str))
         elif "choices" in metadata:
-            choices = metadata["choices"]()
-            kwargs.update(choices=[str(choice) for choice in choices])
+            cast = metadata.get("type", str)
+            kwargs.update(choices=[cast(choice) for choice in metadata["choices"]()], type=cast)
         else:
             kwargs["type"] = type(default) if default is not None else str
         group.add_argument(flag, **kwargs)
@@ -282,11 +282,17 @@ def bench_command(args) -> dict:
             get_family(dense).keep_layers(args.layers)
         sparse = sparse_copy(dense, {"tokenizer": tokenizer, "progress": not args.quiet, **_sparsify_settings(args)})
     kernel_dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk"))
+    if config.weight_bits is not None:  # the dense baseline quantized the same way, through the same kernels
+        dense = structural_sparse_copy(dense, SparsifyConfig(sparsity=0.0, method="topk",
+                                                             weight_bits=config.weight_bits,
+                                                             group_size=config.group_size))
     result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense,
                               compile_mode=args.compile)
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
-    return {"model": args.model, "layers": len(family.layers), "residual_adapters": rotations, **result.to_dict()}
+    return {"model": args.model, "layers": len(family.layers), "residual_adapters": rotations,
+            "weight_bits": config.weight_bits, "group_size": config.group_size if config.weight_bits == 4 else None,
+            **result.to_dict()}
 
 
 def recover_command(args) -> dict:

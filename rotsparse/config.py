@@ -23,6 +23,9 @@ IN_DOMAIN_ROTATIONS = ("identity", "global", "pca_sink", "pca_scaled", "run5", "
 PCA bases fitted to the calibration text lower the Top-K gap on held-out text of that kind but raise it on other
 text, often above plain Top-K's (docs/quality.md), so ``auto`` offers the identity only by default."""
 
+WEIGHT_BITS = (8, 4)
+"""``weight_bits`` choices besides None (float weights): weight-only int8 and int4 (`rotsparse.quantize`)."""
+
 MLP_ACTIVATIONS = (None, "relu2")
 """``mlp_activation`` choices: None keeps the model's own; ``relu2`` is squared ReLU (Q-Sparse, from scratch)."""
 
@@ -164,6 +167,11 @@ class SparsifyConfig:
                                 "entries; 0: the K largest of the whole token")
     mlp_activation: str | None = _field(None, "None keeps the model's MLP activation; relu2: squared ReLU "
                                               "(Q-Sparse)", choices=lambda: MLP_ACTIVATIONS)
+    weight_bits: int | None = _field(None, "quantize every Top-K linear's weight after folding: 8 (int8, a scale per "
+                                           "output) or 4 (int4, a scale per group of input channels and output); "
+                                           "None keeps float weights", choices=lambda: WEIGHT_BITS, type=int)
+    group_size: int = _field(32, "int4: input channels per scale group (must divide every Top-K linear's input "
+                                 "width)")
     options: AutoOptions | None = _field(None, "switches of the calibrated pipeline; None: the method's own",
                                          cli=None)
 
@@ -183,12 +191,14 @@ class SparsifyConfig:
                 raise ValueError("site_coefficients must not all be zero")
             object.__setattr__(self, "site_coefficients", coefficients)
         for name, low in (("num_sequences", 1), ("sequence_length", 1), ("check_sequences", 0), ("error_tokens", 1),
-                          ("block_size", 0), ("seed", 0)):
+                          ("block_size", 0), ("seed", 0), ("group_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.l2_rescale, bool):
             raise ValueError(f"l2_rescale must be True or False, got {self.l2_rescale!r}")
+        if self.weight_bits is not None and (isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS):
+            raise ValueError(f"weight_bits must be None or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; choose one of {MLP_ACTIVATIONS}")
         self._normalize_options()

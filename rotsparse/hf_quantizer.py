@@ -6,8 +6,8 @@ transformers' quantizer registry (that registration is the only global effect). 
 * ``AutoModelForCausalLM.from_pretrained(saved_dir)`` (also ``pipeline(model=saved_dir)``, lm-eval's
   ``pretrained=saved_dir``, any ``device_map``) loads a folder written by `rotsparse.save` as the sparse model:
   the checkpoint is checked against the plan (`rotsparse.io.check_checkpoint`) before any weight is read, the
-  residual/output rotation buffers the plan implies are declared on the empty model so that they load like
-  weights, and after loading every site linear becomes a `TopKLinear` with the plan's K, the lm_head gets the
+  residual/output rotation buffers the plan implies (and, for a quantized plan, the quantized Top-K linears with
+  their int8 / int4 buffers) are declared on the empty model so that they load like weights, and after loading every site linear becomes a `TopKLinear` with the plan's K, the lm_head gets the
   decode kernel and the plan is attached as ``model.rotsparse_plan`` -- exactly what `rotsparse.load` builds.
 * ``from_pretrained(dense, quantization_config=RotsparseConfig(method="topk", sparsity=0.4))`` sparsifies a
   dense model after loading with the calibration-free method.
@@ -30,7 +30,7 @@ from .families import get_family
 from .io import check_checkpoint, declare_rotations
 from .plan import CONFIG_KEY as PLAN_KEY
 from .plan import FORMAT_VERSION, QUANT_METHOD, attach_plan, plan_from_section
-from .runtime import install_topk
+from .runtime import declare_quantized, install_topk
 
 __all__ = ["QUANT_METHOD", "RotsparseConfig", "RotsparseHfQuantizer"]
 
@@ -116,6 +116,8 @@ class RotsparseHfQuantizer(HfQuantizer):
             raise ValueError(f"{model.config.name_or_path} is already sparsified by rotsparse; load it without a "
                              f"RotsparseConfig")
         self.plan = plan
+        if plan.config.weight_bits is not None:
+            declare_quantized(get_family(model), plan)
         self.rotations = check_checkpoint(model, plan, checkpoint_files or [])
         declare_rotations(model, self.rotations)
         return model

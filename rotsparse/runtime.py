@@ -19,6 +19,7 @@ from .families import Family, get_family
 from .kernels.reference import to_input_major
 from .offload import adopt_hooks
 from .plan import SparsityPlan
+from .quantize import dequantize, quantize, quantized_shapes, scale_values
 from .topk import block_indices, block_keep, l2_rescale_factor, sparsify_activation
 
 ROTATION_BUFFER = "rotsparse_output_rotation"
@@ -106,6 +107,88 @@ class TopKLinear(nn.Linear):
         if self.l2_rescale:
             options += ", l2_rescale=True"
         return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
+
+
+class QuantizedTopKLinear(TopKLinear):
+    """A `TopKLinear` whose weight is stored weight-only quantized (`rotsparse.quantize`): buffers ``qweight``
+    (int8 (in, out), or int4 packed two per byte along the output, (in, out / 2) uint8) and ``qscale`` (the
+    scales' raw bits: int8 (out,) float32 as int32, int4 (in / group_size, out) float16 as int16), so that a
+    kept input channel is one contiguous row of bytes and casting the model leaves them untouched. There is no
+    ``weight`` parameter (`dequantized_weight` gives the float weight it stands for).
+
+    Single-token inference runs the int8 / int4 Top-K kernel; everything else (prefill, batches, block or L2
+    modes) the dense-masked path on the dequantized weight, the same function.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, keep_k: int, site: str, weight_bits: int,
+                 group_size: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, keep_k, site, device="meta", dtype=dtype)
+        del self.weight
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(in_features, out_features, weight_bits, group_size)
+        self.register_buffer("qweight", torch.empty(q_shape, dtype=q_dtype, device=device))
+        self.register_buffer("qscale", torch.empty(s_shape, dtype=s_dtype, device=device))
+        self.weight_bits, self.group_size = int(weight_bits), int(group_size)
+
+    @classmethod
+    def from_topk(cls, module: TopKLinear, weight_bits: int, group_size: int) -> "QuantizedTopKLinear":
+        """`module` with its weight quantized (`rotsparse.quantize.quantize` of the input-major weight)."""
+        qweight, qscale = quantize(module.weight.t(), weight_bits, group_size)
+        quantized = cls(module.in_features, module.out_features, False, module.keep_k, module.site, weight_bits,
+                        group_size, device="meta")
+        quantized.qweight, quantized.qscale, quantized.bias = qweight, qscale, module.bias
+        for name in ("use_kernel", "straight_through", "l2_rescale", "block_size"):
+            setattr(quantized, name, getattr(module, name))
+        return quantized.train(module.training)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The float scales (a view of ``qscale``)."""
+        return scale_values(self.qscale, self.weight_bits)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) float weight the quantized one stands for."""
+        return dequantize(self.qweight, self.scales, self.weight_bits, dtype).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_decode_step(x) and not self.block_size and not self.l2_rescale:
+            gemv = kernels.topk_gemv_int8 if self.weight_bits == 8 else kernels.topk_gemv_int4
+            return gemv(x, self.qweight, self.scales, self.bias, self.keep_k)
+        weight = self.dequantized_weight(x.dtype)
+        if self.kept_per_token >= self.in_features:
+            return F.linear(x, weight, self.bias)
+        sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
+                                     straight_through=self.training and self.straight_through)
+        return F.linear(sparse, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.weight_bits == 4 else ""
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}{group}"
+
+
+def topk_linear(linear: nn.Linear, keep_k: int, site: str, config: SparsifyConfig) -> TopKLinear:
+    """The run-time module of a site linear: a `TopKLinear`, quantized if `config.weight_bits` asks for it."""
+    module = TopKLinear.from_linear(linear, keep_k, site)
+    if config.weight_bits is None:
+        return module
+    return QuantizedTopKLinear.from_topk(module, config.weight_bits, config.group_size)
+
+
+def declare_quantized(family: Family, plan: SparsityPlan) -> None:
+    """Replace every site linear of an empty (meta) model by an empty `QuantizedTopKLinear` of the plan's format
+    and K, so that loading a quantized checkpoint fills its buffers (`rotsparse.hf_quantizer`); `install_topk`
+    keeps them."""
+    config = plan.config
+    for index, layer in enumerate(family.layer_views()):
+        for position, site in enumerate(SITES):
+            linears = layer.site_linears()[site]
+            for (parent, name), keep_k in zip(linears, plan.site_reader_keep_k(index, position, len(linears))):
+                linear = getattr(parent, name)
+                module = QuantizedTopKLinear(linear.in_features, linear.out_features, False, keep_k, site,
+                                             config.weight_bits, config.group_size, device="meta")
+                module.bias = linear.bias
+                setattr(parent, name, module)
 
 
 class TopKSite(nn.Module):
@@ -262,8 +345,9 @@ def attach_output_rotation(module: nn.Module, rotation: torch.Tensor) -> None:
 
 def install_topk(family: Family, plan: SparsityPlan) -> None:
     """Replace every site linear by a `TopKLinear` with the plan's K (per reader linear where the plan has
-    them) and a mixture of experts' batched experts by `TopKExperts` (its h3/h4 K), apply the plan's Q-Sparse switches, and route the (dense) lm_head through the dense decode kernel
-    (`KernelLinear`: same weight, same function)."""
+    them; a `QuantizedTopKLinear` when the plan's config has `weight_bits`) and a mixture of experts' batched experts
+    by `TopKExperts` (its h3/h4 K), apply the plan's Q-Sparse switches, and route the (dense) lm_head through the
+    dense decode kernel (`KernelLinear`: same weight, same function)."""
     layers = family.layer_views()
     if len(plan.keep_k) != len(layers):
         raise ValueError(f"plan has {len(plan.keep_k)} layers, model has {len(layers)}")
@@ -272,7 +356,8 @@ def install_topk(family: Family, plan: SparsityPlan) -> None:
             linears = layer.site_linears()[site]
             for (parent, name), keep_k in zip(linears, plan.site_reader_keep_k(index, position, len(linears))):
                 linear = getattr(parent, name)  # adopt_hooks: an accelerate-offloaded linear keeps its store
-                setattr(parent, name, adopt_hooks(linear, TopKLinear.from_linear(linear, keep_k, site)))
+                if not isinstance(linear, QuantizedTopKLinear):  # (declared and loaded: `declare_quantized`)
+                    setattr(parent, name, adopt_hooks(linear, topk_linear(linear, keep_k, site, plan.config)))
         experts = getattr(layer, "experts", None)  # mixture of experts (`ExpertsLayer`): h3/h4 at its inputs
         if experts is not None and not isinstance(experts, TopKExperts):
             parent, name = layer.experts_slot()

@@ -20,6 +20,11 @@ Backends (picked per call, see :func:`kernel_backend`):
   build fails (one warning says why), when Triton is missing, or for dtypes
   the native kernels do not handle.
 
+Weight-only quantized weights: :func:`topk_gemv_int8` (int8 ``(in, out)`` with
+one scale per output column) and :func:`topk_gemv_int4` (two 4-bit values per
+byte along the output dimension, ``(in, out / 2)``, scales per group of input
+channels ``(in / group, out)``); ``keep_k = in`` is their dense GEMV.
+
 Public API: :func:`topk_gemv`, :func:`index_gemv`, :func:`topk_indices`,
 :func:`dense_gemv` (one token through a row-major ``(out, in)`` weight, e.g. the
 lm_head), :func:`topk_mask`, :func:`kernel_backend`, :func:`build_extension`.
@@ -52,6 +57,8 @@ __all__ = [
     "kernel_backend",
     "to_input_major",
     "topk_gemv",
+    "topk_gemv_int4",
+    "topk_gemv_int8",
     "topk_indices",
     "topk_mask",
 ]
@@ -131,6 +138,64 @@ def decode_topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k
         if ext is not None:
             return ext.topk_gemv(x, weight_t, bias, keep_k)
     return topk_gemv(x, weight_t, bias, keep_k)
+
+
+def _check_quantized_args(x: Tensor, qweight_t: Tensor, scales: Tensor, bias: Optional[Tensor],
+                          qdtype: torch.dtype, scale_dtype: torch.dtype, out: int) -> None:
+    if not all(isinstance(t, Tensor) for t in (x, qweight_t, scales)):
+        raise TypeError("x, qweight_t and scales must be tensors")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if qweight_t.dtype != qdtype or scales.dtype != scale_dtype:
+        raise TypeError(f"expected a {qdtype} weight and {scale_dtype} scales, got {qweight_t.dtype} and {scales.dtype}")
+    if qweight_t.dim() != 2 or not qweight_t.is_contiguous() or not scales.is_contiguous():
+        raise ValueError("the quantized weight must be a contiguous 2-D (in, ...) tensor and the scales contiguous")
+    if len({x.device, qweight_t.device, scales.device}) != 1:
+        raise ValueError(f"device mismatch: x on {x.device}, weight on {qweight_t.device}, scales on {scales.device}")
+    n_in = qweight_t.shape[0]
+    if x.dim() == 0 or x.shape[-1] != n_in or x.numel() != n_in:
+        raise ValueError(f"one token of {n_in} features expected (x of shape (in,), (1, in) or (1, 1, in)), got x of "
+                         f"shape {tuple(x.shape)}")
+    if bias is not None and (bias.shape != (out,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must have shape ({out},), x's dtype and device")
+
+
+def topk_gemv_int8(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    """Fused Top-K + sparse GEMV for ONE token through an int8 weight.
+
+    ``y = scale * (topk_mask(x, keep_k) @ qweight_t) (+ bias)``; qweight_t: (in, out) int8, contiguous; scale:
+    (out,) float32; x: (in,), (1, in) or (1, 1, in), float32 / bfloat16 / float16 (the output's dtype);
+    float32 accumulation. Only the kept rows of qweight_t are read; ``keep_k = in`` is the dense int8 GEMV.
+    Custom op ``torch.ops.rotsparse.topk_gemv_int8``.
+    """
+    _check_quantized_args(x, qweight_t, scale, bias, torch.int8, torch.float32, qweight_t.shape[-1])
+    if scale.shape != (qweight_t.shape[1],):
+        raise ValueError(f"scale must have shape ({qweight_t.shape[1]},), got {tuple(scale.shape)}")
+    keep_k = check_keep_k(keep_k, qweight_t.shape[0])
+    if _eager_fast_path(x, qweight_t, scale, bias):
+        return ops.topk_gemv_int8_dispatch(x, qweight_t, scale, bias, keep_k)
+    return torch.ops.rotsparse.topk_gemv_int8(x, qweight_t, scale, bias, keep_k)
+
+
+def topk_gemv_int4(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    """Fused Top-K + sparse GEMV for ONE token through a packed int4 weight.
+
+    packed_t: (in, out / 2) uint8, two 4-bit values n in [0, 15] per byte along the output dimension
+    (`reference.pack_int4`); scales: (in / group, out) float16; the weight is ``scales[i // group, j] *
+    (n[i, j] - 8)``. Only the kept rows and the scale rows of their groups are read; ``keep_k = in`` is the dense
+    int4 GEMV. Shapes of x and the output as in :func:`topk_gemv_int8`. Custom op
+    ``torch.ops.rotsparse.topk_gemv_int4``.
+    """
+    _check_quantized_args(x, packed_t, scales, bias, torch.uint8, torch.float16, scales.shape[-1])
+    n_in = packed_t.shape[0]
+    if scales.dim() != 2 or scales.shape[1] != 2 * packed_t.shape[1] or not 0 < scales.shape[0] <= n_in \
+            or n_in % scales.shape[0]:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit the packed weight {tuple(packed_t.shape)}: "
+                         f"expected (in / group, 2 * {packed_t.shape[1]}) with the group dividing in={n_in}")
+    keep_k = check_keep_k(keep_k, n_in)
+    if _eager_fast_path(x, packed_t, scales, bias):
+        return ops.topk_gemv_int4_dispatch(x, packed_t, scales, bias, keep_k)
+    return torch.ops.rotsparse.topk_gemv_int4(x, packed_t, scales, bias, keep_k)
 
 
 def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:

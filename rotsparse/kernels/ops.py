@@ -12,7 +12,8 @@ from torch import Tensor
 
 from . import triton_gemv
 from .build import NATIVE_DTYPES, cpp_ext, triton_available
-from .reference import index_gemv_torch, topk_gemv_torch, topk_indices_torch, topk_select
+from .reference import (index_gemv_torch, topk_gemv_int4_torch, topk_gemv_int8_torch, topk_gemv_torch,
+                        topk_indices_torch, topk_select)
 
 
 def topk_gemv_dispatch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
@@ -60,6 +61,46 @@ def dense_gemv_dispatch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Te
         if ext is not None:
             return ext.dense_gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def topk_gemv_int8_dispatch(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor],
+                            keep_k: int) -> Tensor:
+    if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES:
+        ext = cpp_ext()
+        if ext is not None:
+            return ext.topk_gemv_int8(x, qweight_t, scale, bias, int(keep_k))
+    return topk_gemv_int8_torch(x, qweight_t, scale, bias, int(keep_k))
+
+
+def topk_gemv_int4_dispatch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor],
+                            keep_k: int) -> Tensor:
+    if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES:
+        ext = cpp_ext()
+        if ext is not None:
+            return ext.topk_gemv_int4(x, packed_t, scales, bias, int(keep_k))
+    return topk_gemv_int4_torch(x, packed_t, scales, bias, int(keep_k))
+
+
+@torch.library.custom_op("rotsparse::topk_gemv_int8", mutates_args=())
+def _topk_gemv_int8_op(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    return topk_gemv_int8_dispatch(x, qweight_t, scale, bias, keep_k)
+
+
+@_topk_gemv_int8_op.register_fake
+def _topk_gemv_int8_fake(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    torch._check(x.shape[-1] == qweight_t.shape[0])
+    return x.new_empty((*x.shape[:-1], qweight_t.shape[1]))
+
+
+@torch.library.custom_op("rotsparse::topk_gemv_int4", mutates_args=())
+def _topk_gemv_int4_op(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    return topk_gemv_int4_dispatch(x, packed_t, scales, bias, keep_k)
+
+
+@_topk_gemv_int4_op.register_fake
+def _topk_gemv_int4_fake(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    torch._check(x.shape[-1] == packed_t.shape[0])
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
 @torch.library.custom_op("rotsparse::index_gemv", mutates_args=())

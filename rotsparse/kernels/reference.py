@@ -78,3 +78,63 @@ def topk_gemv_torch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k:
 def to_input_major(weight: Tensor) -> Tensor:
     """(out, in) weight as the transpose view of a contiguous (in, out) tensor (the kernels' layout)."""
     return weight.detach().t().contiguous().t()
+
+
+# Weight-only quantized formats (the C++ kernels' layouts, rotsparse/kernels/topk_gemv.cpp) ----------------------
+
+INT4_BLOCK = 32
+"""int4 rows are packed in blocks of this many output columns (a shorter last block of even width w): byte b of a
+block holds column b in its low nibble and column b + w/2 in its high nibble."""
+
+
+def int4_positions(out: int, device: torch.device | str = "cpu") -> Tensor:
+    """(out,) int64: where column j sits in a packed row read as a stream of nibbles (low nibble of byte b at 2b,
+    high nibble at 2b + 1)."""
+    if out % 2:
+        raise ValueError(f"int4 packing needs an even number of output columns, got {out}")
+    column = torch.arange(out, device=device)
+    start = column // INT4_BLOCK * INT4_BLOCK
+    half = (out - start).clamp(max=INT4_BLOCK) // 2
+    offset = column - start
+    return start + 2 * (offset % half) + (offset >= half).long()
+
+
+def pack_int4(nibbles: Tensor) -> Tensor:
+    """(in, out) uint8 values in [0, 15] -> (in, out / 2) uint8 packed rows (`INT4_BLOCK` layout)."""
+    rows, out = nibbles.shape
+    stream = torch.empty_like(nibbles)
+    stream[:, int4_positions(out, nibbles.device)] = nibbles
+    return stream[:, 0::2] | (stream[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, out: int) -> Tensor:
+    """Inverse of `pack_int4`: (rows, out / 2) uint8 -> (rows, out) uint8 values in [0, 15]."""
+    stream = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], out)
+    return stream[:, int4_positions(out, packed.device)]
+
+
+def topk_gemv_int8_torch(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    """Top-K GEMV of one token x (in,) through an int8 weight qweight_t (in, out) with per-output scale (out,)
+    float32: ``scale * (x[kept] @ qweight_t[kept]) (+ bias)``, float32 accumulation."""
+    n_in, n_out = qweight_t.shape
+    x1 = x.reshape(n_in)
+    indices = topk_indices_torch(x1, keep_k)
+    acc = (x1.index_select(0, indices).float() @ qweight_t.index_select(0, indices).float()) * scale.float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
+    """Top-K GEMV of one token x (in,) through a packed int4 weight packed_t (in, out / 2) with group scales
+    (in / group, out) float16: ``x[kept] @ (scales[kept // group] * (nibbles[kept] - 8)) (+ bias)``."""
+    n_in = packed_t.shape[0]
+    groups, n_out = scales.shape
+    x1 = x.reshape(n_in)
+    indices = topk_indices_torch(x1, keep_k)
+    rows = unpack_int4(packed_t.index_select(0, indices), n_out).float() - 8
+    rows = rows * scales.index_select(0, indices // (n_in // groups)).float()
+    acc = x1.index_select(0, indices).float() @ rows
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)

@@ -104,6 +104,7 @@ inline float to_f32(bf16_t v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
 inline float to_f32(half_bits v) {
   return static_cast<float>(c10::Half(v.x, c10::Half::from_bits()));
 }
@@ -146,6 +147,13 @@ inline __m512 load16m(const bf16_t* p, __mmask16 m) {
 }
 inline __m512 load16m(const half_bits* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16m(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 #endif
 
@@ -351,22 +359,25 @@ void accumulate_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_RESTRICT W
 #endif
 }
 
-// Generic sparse GEMV over given (sorted) rows. y has `out` elements of type W.
-template <typename W>
-void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, int64_t K,
-               const float* bias, W* y) {
+// Sparse GEMV driver over given (sorted) rows idx[0..K), shared by every weight
+// format.  accumulate(acc, j0, len, idx, xs, K) adds the rows' contribution to
+// columns [j0, j0 + len) into acc[0..len); store(j, v) writes output column j
+// from its float32 sum v.  `align` (columns) keeps tile edges on 64-byte
+// multiples of the weight rows (and on whole packed blocks), `max_tile` caps a
+// tile's width in columns.
+template <typename Accumulate, typename Store>
+void gemv_driver(int64_t out, int64_t K, int64_t align, int64_t max_tile, const int64_t* idx,
+                 const float* xs, const Accumulate& accumulate, const Store& store) {
   // Column partition (single thread, or RS_SPLIT_K=0): one contiguous block of
-  // columns per thread, cut into tiles whose sub-rows are at most
-  // RS_MAX_TILE_BYTES; tile edges are kept on 64-byte multiples so that
+  // columns per thread, cut into tiles of at most max_tile columns, so that
   // threads never share a cache line of y / weight.
-  const int64_t align = 64 / int64_t(sizeof(W));
   int nthreads = std::max(1, at::get_num_threads());
   // Don't spawn threads for tiny problems (fork/join costs a few us).
   const int64_t work = K * out;
   if (work < (int64_t(1) << 15)) nthreads = 1;
   const int64_t max_by_cols = std::max<int64_t>(1, (out + align - 1) / align);
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, max_by_cols));
-  const int64_t max_tile = std::max<int64_t>(align, RS_MAX_TILE_BYTES / int64_t(sizeof(W)));
+  max_tile = std::max<int64_t>(align, max_tile / align * align);
 
   auto body = [&](int t) {
     // [c0, c1) columns owned by thread t, aligned to `align`.
@@ -381,13 +392,9 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
     float* acc = accv.data();
     for (int64_t j0 = c0; j0 < c1; j0 += tile_w) {
       const int64_t len = std::min(tile_w, c1 - j0);
-      if (bias)
-        std::memcpy(acc, bias + j0, sizeof(float) * len);
-      else
-        std::memset(acc, 0, sizeof(float) * len);
-      accumulate_tile<W>(acc, len, Wt, out, j0, idx, xs, K);
-      W* yo = y + j0;
-      for (int64_t j = 0; j < len; ++j) io<W>::store(yo + j, acc[j]);
+      std::memset(acc, 0, sizeof(float) * len);
+      accumulate(acc, j0, len, idx, xs, K);
+      for (int64_t j = 0; j < len; ++j) store(j0 + j, acc[j]);
     }
   };
 
@@ -410,22 +417,213 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
       const int64_t ntiles = (out + max_tile - 1) / max_tile;
       const int64_t tile_w = ((out + ntiles - 1) / ntiles + align - 1) / align * align;
       for (int64_t j0 = 0; j0 < out; j0 += tile_w)
-        accumulate_tile<W>(acc + j0, std::min(tile_w, out - j0), Wt, out, j0, idx + r0, xs + r0,
-                           r1 - r0);
+        accumulate(acc + j0, j0, std::min(tile_w, out - j0), idx + r0, xs + r0, r1 - r0);
 #pragma omp barrier
       const int64_t blocks = (out + align - 1) / align;
       const int64_t c0 = std::min(out, blocks * t / nthreads * align);
       const int64_t c1 = std::min(out, blocks * (t + 1) / nthreads * align);
       for (int64_t j = c0; j < c1; ++j) {
-        float v = bias ? bias[j] : 0.f;
+        float v = 0.f;
         for (int u = 0; u < nthreads; ++u) v += part[u * out_pad + j];
-        io<W>::store(y + j, v);
+        store(j, v);
       }
     }
     return;
   }
 #endif
   run_threads(nthreads, body);
+}
+
+// Sparse GEMV over given (sorted) rows of a float weight Wt (in, out); y has
+// `out` elements of type W.
+template <typename W>
+void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, int64_t K,
+               const float* bias, W* y) {
+  gemv_driver(
+      out, K, 64 / int64_t(sizeof(W)), RS_MAX_TILE_BYTES / int64_t(sizeof(W)), idx, xs,
+      [&](float* acc, int64_t j0, int64_t len, const int64_t* rows, const float* vals, int64_t n) {
+        accumulate_tile<W>(acc, len, Wt, out, j0, rows, vals, n);
+      },
+      [&](int64_t j, float v) { io<W>::store(y + j, bias ? v + bias[j] : v); });
+}
+
+// ---------------------------------------------------------------------------
+// Weight-only quantized formats (symmetric, no zero point), input-channel-major:
+//   int8: q (in, out) int8, scale (out,) float32 per output column:
+//         y[j] = scale[j] * sum_i x[i] * q[i, j]  (+ bias[j])
+//   int4: packed (in, out/2) uint8, scales (in/group, out) float16:
+//         y[j] = sum_i x[i] * scales[i/group, j] * (n[i, j] - 8)  (+ bias[j])
+//         n in [0, 15].  Columns come in blocks of 32 (a shorter last block of
+//         even width w): byte b of a block holds column b (low nibble) and
+//         column b + w/2 (high nibble), so one 16-byte load unpacks to two
+//         runs of 16 columns without shuffles.
+// A kept input channel reads one contiguous row of out (int8) or out/2 (int4)
+// bytes; int4 reads the scale row of every group holding a kept channel once.
+// Per group, the kernel accumulates p[j] = sum x[i] * n[i, j] over the group's
+// kept rows, then acc[j] += scales[g, j] * (p[j] - 8 * sum x[i]).
+// ---------------------------------------------------------------------------
+constexpr int64_t kInt4Block = 32;
+
+// Nibble of column c of one packed int4 row (out columns).
+inline int int4_at(const uint8_t* row, int64_t out, int64_t c) {
+  const int64_t b = c / kInt4Block * kInt4Block;
+  const int64_t half = std::min(kInt4Block, out - b) / 2;
+  const int64_t w = c - b;
+  const uint8_t byte = row[b / 2 + (w < half ? w : w - half)];
+  return w < half ? (byte & 0xF) : (byte >> 4);
+}
+
+// part[0..len) += sum_r xs[r] * n[idx[r], j0 + j]: rows idx[s0..s1) of the packed weight.
+// Rows idx[s1..K) follow (other groups): the next R rows are prefetched while
+// these stream, as scattered rows of out/2 bytes are too short for the hardware
+// prefetchers to ramp up on.
+void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* RS_RESTRICT P,
+                          int64_t out, int64_t j0, const int64_t* RS_RESTRICT idx,
+                          const float* RS_RESTRICT xs, int64_t s0, int64_t s1, int64_t K) {
+  const int64_t ldp = out / 2;
+  // Full blocks of 32 columns inside [j0, j0 + len) (j0 is a multiple of 32).
+  const int64_t full = std::min(len, (out / kInt4Block) * kInt4Block - j0);
+  const int64_t nfull = std::max<int64_t>(0, full) / kInt4Block * kInt4Block;
+  constexpr int R = RS_ROWS;
+  int64_t s = s0;
+#if RS_AVX512
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (; s + R <= s1; s += R) {
+    const uint8_t* p[R];
+    __m512 xb[R];
+    const uint8_t* q[R];
+    for (int r = 0; r < R; ++r) {
+      p[r] = P + idx[s + r] * ldp + j0 / 2;
+      q[r] = s + R + r < K ? P + idx[s + R + r] * ldp + j0 / 2 : p[r];
+      xb[r] = _mm512_set1_ps(xs[s + r]);
+    }
+    for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      if ((j & (4 * kInt4Block - 1)) == 0)
+        for (int r = 0; r < R; ++r) RS_PREFETCH(q[r] + j / 2);
+      __m512 a0 = _mm512_loadu_ps(part + j), a1 = _mm512_loadu_ps(part + j + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + j / 2));
+        const __m128i lo = _mm_and_si128(b, low4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        a0 = _mm512_fmadd_ps(xb[r], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), a0);
+        a1 = _mm512_fmadd_ps(xb[r], _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), a1);
+      }
+      _mm512_storeu_ps(part + j, a0);
+      _mm512_storeu_ps(part + j + 16, a1);
+    }
+  }
+  for (; s < s1; ++s) {
+    const uint8_t* p = P + idx[s] * ldp + j0 / 2;
+    const uint8_t* q = s + R < K ? P + idx[s + R] * ldp + j0 / 2 : p;
+    const __m512 xb = _mm512_set1_ps(xs[s]);
+    for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      if ((j & (4 * kInt4Block - 1)) == 0) RS_PREFETCH(q + j / 2);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j / 2));
+      const __m128i lo = _mm_and_si128(b, low4);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      _mm512_storeu_ps(part + j, _mm512_fmadd_ps(xb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                                                 _mm512_loadu_ps(part + j)));
+      _mm512_storeu_ps(part + j + 16,
+                       _mm512_fmadd_ps(xb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                                       _mm512_loadu_ps(part + j + 16)));
+    }
+  }
+  s = s0;  // the short last block below, row by row
+#else
+  for (; s + R <= s1; s += R) {
+    const uint8_t* p[R];
+    float xv[R];
+    for (int r = 0; r < R; ++r) {
+      p[r] = P + idx[s + r] * ldp + j0 / 2;
+      xv[r] = xs[s + r];
+    }
+    for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      for (int64_t w = 0; w < kInt4Block / 2; ++w) {
+        float lo = part[j + w], hi = part[j + w + kInt4Block / 2];
+        for (int r = 0; r < R; ++r) {
+          const uint8_t byte = p[r][j / 2 + w];
+          lo += xv[r] * float(byte & 0xF);
+          hi += xv[r] * float(byte >> 4);
+        }
+        part[j + w] = lo;
+        part[j + w + kInt4Block / 2] = hi;
+      }
+    }
+  }
+  for (; s < s1; ++s) {
+    const uint8_t* p = P + idx[s] * ldp + j0 / 2;
+    const float xv = xs[s];
+    for (int64_t j = 0; j < nfull; j += kInt4Block)
+      for (int64_t w = 0; w < kInt4Block / 2; ++w) {
+        const uint8_t byte = p[j / 2 + w];
+        part[j + w] += xv * float(byte & 0xF);
+        part[j + w + kInt4Block / 2] += xv * float(byte >> 4);
+      }
+  }
+  s = s0;
+#endif
+  if (nfull < len) {  // the last, shorter block of the row (out % 32 columns)
+    for (; s < s1; ++s) {
+      const uint8_t* row = P + idx[s] * ldp;
+      for (int64_t j = nfull; j < len; ++j) part[j] += xs[s] * float(int4_at(row, out, j0 + j));
+    }
+  }
+}
+
+// acc[0..len) += sum over the kept rows idx[0..K) (ascending) of their dequantized int4 rows.
+void accumulate_int4(float* RS_RESTRICT acc, int64_t len, const uint8_t* P, const c10::Half* S,
+                     int64_t out, int64_t group, int64_t j0, const int64_t* idx, const float* xs,
+                     int64_t K, float* RS_RESTRICT part) {
+  int64_t s = 0;
+  while (s < K) {
+    const int64_t g = idx[s] / group;
+    int64_t e = s + 1;
+    while (e < K && idx[e] / group == g) ++e;
+    float xsum = 0.f;
+    for (int64_t r = s; r < e; ++r) xsum += xs[r];
+    std::memset(part, 0, sizeof(float) * len);
+    accumulate_int4_rows(part, len, P, out, j0, idx, xs, s, e, K);
+    const c10::Half* sg = S + g * out + j0;
+    int64_t j = 0;
+#if RS_AVX512
+    const __m512 off = _mm512_set1_ps(8.f * xsum);
+    for (; j + 16 <= len; j += 16) {
+      const __m512 sc =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + j)));
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(sc, _mm512_sub_ps(_mm512_loadu_ps(part + j), off),
+                                                _mm512_loadu_ps(acc + j)));
+    }
+#endif
+    for (; j < len; ++j) acc[j] += static_cast<float>(sg[j]) * (part[j] - 8.f * xsum);
+    s = e;
+  }
+}
+
+// Quantized sparse GEMVs over given (sorted) rows; y (out,) of type Y.
+template <typename Y>
+void gemv_rows_int8(const int8_t* Q, const float* scale, int64_t out, const int64_t* idx,
+                    const float* xs, int64_t K, const float* bias, Y* y) {
+  gemv_driver(
+      out, K, 64, RS_MAX_TILE_BYTES, idx, xs,
+      [&](float* acc, int64_t j0, int64_t len, const int64_t* rows, const float* vals, int64_t n) {
+        accumulate_tile<int8_t>(acc, len, Q, out, j0, rows, vals, n);
+      },
+      [&](int64_t j, float v) { io<Y>::store(y + j, bias ? v * scale[j] + bias[j] : v * scale[j]); });
+}
+
+template <typename Y>
+void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t group,
+                    const int64_t* idx, const float* xs, int64_t K, const float* bias, Y* y) {
+  // Tiles of whole 128-column blocks (64 bytes of a packed row), sub-rows of up
+  // to RS_MAX_TILE_BYTES like the other formats: shorter runs of scattered rows
+  // (1 KB) defeat the hardware prefetchers.
+  gemv_driver(
+      out, K, 4 * kInt4Block, 2 * RS_MAX_TILE_BYTES, idx, xs,
+      [&](float* acc, int64_t j0, int64_t len, const int64_t* rows, const float* vals, int64_t n) {
+        std::vector<float> part(static_cast<size_t>(len) + 16);
+        accumulate_int4(acc, len, P, S, out, group, j0, rows, vals, n, part.data());
+      },
+      [&](int64_t j, float v) { io<Y>::store(y + j, bias ? v + bias[j] : v); });
 }
 
 // ---------------------------------------------------------------------------
@@ -657,6 +855,115 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// ------------------------- quantized Top-K GEMVs ----------------------------
+void check_quantized(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias, int64_t in, int64_t out, int64_t keep_k) {
+  TORCH_CHECK(x.device().is_cpu() && qweight_t.device().is_cpu() && scales.device().is_cpu(),
+              "rotsparse quantized topk_gemv (C++): tensors must be on the CPU");
+  TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.is_contiguous(),
+              "qweight_t must be a contiguous 2-D (in, ...) tensor");
+  TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
+  TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but in=", in);
+  TORCH_CHECK(keep_k >= 0 && keep_k <= in, "keep_k=", keep_k, " out of range [0, ", in, "]");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out,
+                "bias must be a CPU tensor of shape (", out, ",)");
+}
+
+// x (one token) -> exactly keep_k kept channels (ascending) and their values as float.
+struct Selection {
+  std::vector<int64_t> idx;
+  std::vector<float> xs;
+  int64_t K = 0;
+};
+
+Selection select_token(const at::Tensor& x, int64_t keep_k) {
+  Selection sel;
+  sel.idx.resize(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
+  sel.xs.resize(sel.idx.size());
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = x.numel();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      sel.K = select_topk<float>(xc.data_ptr<float>(), n, keep_k, sel.idx.data(), sel.xs.data());
+      break;
+    case at::kBFloat16:
+      sel.K = select_topk<bf16_t>(reinterpret_cast<const bf16_t*>(xc.data_ptr()), n, keep_k,
+                                  sel.idx.data(), sel.xs.data());
+      break;
+    default:
+      sel.K = select_topk<half_bits>(reinterpret_cast<const half_bits*>(xc.data_ptr()), n, keep_k,
+                                     sel.idx.data(), sel.xs.data());
+  }
+  return sel;
+}
+
+const float* float_bias(const std::optional<at::Tensor>& bias, at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  holder = bias->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+template <typename Run>
+void dispatch_output(at::Tensor& y, const Run& run) {
+  switch (y.scalar_type()) {
+    case at::kFloat: run(y.data_ptr<float>()); break;
+    case at::kBFloat16: run(reinterpret_cast<bf16_t*>(y.data_ptr())); break;
+    default: run(reinterpret_cast<half_bits*>(y.data_ptr()));
+  }
+}
+
+// y = scale * sum over the keep_k largest |x_i| of x_i * q[i, :] (+ bias); q (in, out) int8,
+// scale (out,) float32.  keep_k = in is the dense int8 GEMV.
+at::Tensor topk_gemv_int8(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& bias, int64_t keep_k) {
+  TORCH_CHECK(qweight_t.scalar_type() == at::kChar, "int8 qweight_t must be int8, got ",
+              qweight_t.scalar_type());
+  TORCH_CHECK(qweight_t.dim() == 2, "qweight_t must be 2-D (in, out)");
+  const int64_t in = qweight_t.size(0), out = qweight_t.size(1);
+  check_quantized(x, qweight_t, scale, bias, in, out, keep_k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == out,
+              "int8 scale must be float32 of shape (", out, ",)");
+  Selection sel = select_token(x, keep_k);
+  at::Tensor holder;
+  const float* bp = float_bias(bias, holder);
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  dispatch_output(y, [&](auto* yp) {
+    gemv_rows_int8(qweight_t.data_ptr<int8_t>(), scale.data_ptr<float>(), out, sel.idx.data(),
+                   sel.xs.data(), sel.K, bp, yp);
+  });
+  return y;
+}
+
+// y = sum over the keep_k largest |x_i| of x_i * scales[i / group, :] * (n[i, :] - 8) (+ bias);
+// packed (in, out / 2) uint8 (layout above), scales (in / group, out) float16.
+at::Tensor topk_gemv_int4(const at::Tensor& x, const at::Tensor& packed_t, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& bias, int64_t keep_k) {
+  TORCH_CHECK(packed_t.scalar_type() == at::kByte, "int4 packed_t must be uint8, got ",
+              packed_t.scalar_type());
+  TORCH_CHECK(packed_t.dim() == 2 && scales.dim() == 2, "packed_t and scales must be 2-D");
+  const int64_t in = packed_t.size(0), out = scales.size(1);
+  check_quantized(x, packed_t, scales, bias, in, out, keep_k);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "int4 scales must be float16");
+  TORCH_CHECK(out % 2 == 0 && packed_t.size(1) * 2 == out, "packed_t has ", packed_t.size(1),
+              " bytes per row; scales have ", out, " columns (even) needing ", out / 2);
+  const int64_t groups = scales.size(0);
+  TORCH_CHECK(groups > 0 && in % groups == 0, "scales have ", groups,
+              " group rows, which does not divide in=", in);
+  Selection sel = select_token(x, keep_k);
+  at::Tensor holder;
+  const float* bp = float_bias(bias, holder);
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  dispatch_output(y, [&](auto* yp) {
+    gemv_rows_int4(packed_t.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), out, in / groups,
+                   sel.idx.data(), sel.xs.data(), sel.K, bp, yp);
+  });
+  return y;
+}
+
 // Sorted indices (int64) of the keep_k largest |x|, x: one token.
 at::Tensor topk_indices(const at::Tensor& x, int64_t keep_k) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
@@ -696,5 +1003,9 @@ RS_TORCH_LIBRARY(RS_NS, m) {
         &index_gemv);
   m.def("topk_indices(Tensor x, int keep_k) -> Tensor", &topk_indices);
   m.def("dense_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &dense_gemv);
+  m.def("topk_gemv_int8(Tensor x, Tensor qweight_t, Tensor scale, Tensor? bias, int keep_k) -> Tensor",
+        &topk_gemv_int8);
+  m.def("topk_gemv_int4(Tensor x, Tensor packed_t, Tensor scales, Tensor? bias, int keep_k) -> Tensor",
+        &topk_gemv_int4);
   m.def("has_avx512() -> bool", &has_avx512);
 }

@@ -1,0 +1,90 @@
+"""Weight-only quantization of the Top-K linears (`SparsifyConfig.weight_bits`), as pure tensor functions.
+
+Symmetric absmax quantization, no zero point, computed in float64 and cast once, on the input-channel-major
+weight ``weight_t`` (in, out) that the decode kernels read (rotsparse/kernels/topk_gemv.cpp):
+
+* int8: ``q`` (in, out) int8 in [-127, 127] and one float32 scale per output column, ``absmax / 127``.
+* int4: values in [-8, 7] with one float16 scale per (group of `group_size` input channels, output column),
+  ``absmax / 7.5`` (the symmetric mapping of torchao's ``choose_qparams_affine``), stored as nibbles ``q + 8``
+  packed two per byte along the output dimension (`rotsparse.kernels.reference.pack_int4`): (in, out / 2) uint8
+  and scales (in / group_size, out).
+
+Scales are stored as the raw bits of their float dtype in an integer tensor (`scale_bits` / `scale_values`), so
+that casting a model (``model.to(torch.bfloat16)``, transformers' ``dtype=`` when loading) never rounds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import WEIGHT_BITS
+from .kernels.reference import pack_int4, unpack_int4
+
+SCALE_DTYPES = {8: torch.float32, 4: torch.float16}
+"""Float dtype of the scales of each format."""
+_BITS_DTYPES = {torch.float32: torch.int32, torch.float16: torch.int16}
+
+
+def scale_bits(scales: Tensor) -> Tensor:
+    """Float scales as their raw bits (int32 for float32, int16 for float16): the stored form."""
+    return scales.view(_BITS_DTYPES[scales.dtype])
+
+
+def scale_values(bits: Tensor, weight_bits: int) -> Tensor:
+    """Inverse of `scale_bits`: the float scales of a `weight_bits` format (a view, no copy)."""
+    return bits.view(SCALE_DTYPES[weight_bits])
+
+
+def quantize_int8(weight_t: Tensor) -> tuple[Tensor, Tensor]:
+    """(in, out) float -> (q (in, out) int8, scale (out,) float32): symmetric per output column."""
+    weight = weight_t.detach().double()
+    scale = (weight.abs().amax(0) / 127).float().clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(weight / scale.double()).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def quantize_int4(weight_t: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(in, out) float -> (packed (in, out / 2) uint8, scales (in / group_size, out) float16): symmetric per group
+    of `group_size` consecutive input channels and output column. ValueError if `group_size` does not divide in,
+    out is odd, or a scale does not fit float16."""
+    n_in, n_out = weight_t.shape
+    if group_size < 1 or n_in % group_size:
+        raise ValueError(f"int4 group_size {group_size} does not divide the input width {n_in}")
+    if n_out % 2:
+        raise ValueError(f"int4 packs two output columns per byte; the output width {n_out} is odd")
+    groups = weight_t.detach().double().reshape(n_in // group_size, group_size, n_out)
+    absmax = groups.abs().amax(1)
+    if absmax.max() / 7.5 > torch.finfo(torch.float16).max:
+        raise ValueError(f"weights up to {absmax.max().item():.3g} do not fit int4 with float16 scales")
+    scales = (absmax / 7.5).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    q = torch.round(groups / scales.double().unsqueeze(1)).clamp(-8, 7) + 8
+    return pack_int4(q.reshape(n_in, n_out).to(torch.uint8)).contiguous(), scales
+
+
+def quantize(weight_t: Tensor, weight_bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(qweight, scale bits) of `weight_t` (in, out) in the `weight_bits` format (`group_size`: int4 only)."""
+    if weight_bits == 8:
+        q, scales = quantize_int8(weight_t)
+    elif weight_bits == 4:
+        q, scales = quantize_int4(weight_t, group_size)
+    else:
+        raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
+    return q, scale_bits(scales)
+
+
+def dequantize(qweight: Tensor, scales: Tensor, weight_bits: int, dtype: torch.dtype) -> Tensor:
+    """The (in, out) weight a quantized one stands for, in `dtype`; `scales` as floats (`scale_values`)."""
+    if weight_bits == 8:
+        return (qweight.double() * scales.double()).to(dtype)
+    n_in = qweight.shape[0]
+    groups, n_out = scales.shape
+    values = unpack_int4(qweight, n_out).float() - 8  # exact in float32: 4-bit values times float16 scales
+    return (values * scales.float().repeat_interleave(n_in // groups, dim=0)).to(dtype)
+
+
+def quantized_shapes(in_features: int, out_features: int, weight_bits: int, group_size: int):
+    """((qweight shape, dtype), (scale bits shape, dtype)) of a quantized (in, out) weight."""
+    if weight_bits == 8:
+        return ((in_features, out_features), torch.int8), ((out_features,), torch.int32)
+    return ((in_features, out_features // 2), torch.uint8), ((in_features // group_size, out_features), torch.int16)
