@@ -16,7 +16,7 @@ from dataclasses import dataclass
 SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
-ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "weights", "weights_h1", "run<G>")
+ROTATION_CANDIDATES = ("identity", "global", "pca", "pca_sink", "pca_scaled", "run<G>")
 """Residual-basis candidates (`AutoOptions.rotations`); "run<G>" stands for any run length G >= 2, e.g. "run5"."""
 IN_DOMAIN_ROTATIONS = ("identity", "global", "pca_sink", "pca_scaled", "run5", "run10")
 """Every residual-basis candidate, for text like the calibration text (``AutoOptions(rotations=IN_DOMAIN_ROTATIONS)``):

@@ -332,22 +332,8 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
         return layer.norm_scale(norm).double().cpu()
 
     attn_scale = input_scale("h1")
-    raw = {site: [linear.weight.detach().double().cpu() for linear in linears]
-           for site, linears in layer.site_modules().items()}
-    if sensitivity is not None:
-        raw = {site: [sensitivity[0][site][i].sqrt()[:, None] * w for i, w in enumerate(ws)] for site, ws in raw.items()}
-
-    def gram(site):
-        g = sum(fold_input(w, input_scale(site), None).T @ fold_input(w, input_scale(site), None) for w in raw[site])
-        return g / g.trace()
-
-    def candidate(name):
-        if name == "weights":
-            return pca_rotation(gram("h1") + gram("h3"))
-        if name == "weights_h1":
-            return pca_rotation(gram("h1"))
-        return _candidate(name, attn_moment, attn_scale, shared_bases or {}, rows.get("sink"))
-    rotations = [candidate(name) for name in options.rotations]
+    rotations = [_candidate(name, attn_moment, attn_scale, shared_bases or {}, rows.get("sink"))
+                 for name in options.rotations]
     post_norms = sum(norm is not None for norm in (layer.attn_output_norm, layer.mlp_output_norm))
     rotation_cost = {"residual_rotation_weights": attn_moment.shape[0] ** 2,
                      "output_rotation_weights": attn_moment.shape[0] ** 2 * post_norms}
