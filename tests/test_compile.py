@@ -17,6 +17,7 @@ from rotsparse.cli import build_parser
 from rotsparse.compiled import MODES, compile_function, eager_forward, is_compiled
 from rotsparse.config import SparsifyConfig
 from rotsparse.families import get_family
+from rotsparse.quantize import quantize_int4, quantize_int8
 from rotsparse.runtime import ROTATION_BUFFER, TopKLinear
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
@@ -33,7 +34,10 @@ def _weight(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, seed: int
 def _op_samples():
     """Arguments per custom op: every x layout a decode step passes, float32 and bfloat16, with and without
     bias, K = 0, in between and in."""
-    samples = {"topk_gemv": [], "index_gemv": [], "topk_indices": [], "dense_gemv": []}
+    samples = {"topk_gemv": [], "index_gemv": [], "topk_indices": [], "dense_gemv": [], "topk_gemv_int8": [],
+               "topk_gemv_int4": []}
+    q8, scale8 = quantize_int8(_weight(96, 40))
+    q4, scales4 = quantize_int4(_weight(96, 40), group_size=32)
     for dtype in (torch.float32, torch.bfloat16):
         weight_t = _weight(96, 40, dtype)
         bias = torch.randn(40).to(dtype)
@@ -42,6 +46,8 @@ def _op_samples():
             for keep_k, b in ((0, None), (37, bias), (96, None)):
                 samples["topk_gemv"].append((x, weight_t, b, keep_k))
                 samples["topk_indices"].append((x, keep_k))
+                samples["topk_gemv_int8"].append((x, q8, scale8, b, keep_k))
+                samples["topk_gemv_int4"].append((x, q4, scales4, b, keep_k))
             indices = torch.randperm(96)[:29].sort().values
             samples["index_gemv"] += [(x, indices, weight_t, bias), (x, indices, weight_t, None)]
             weight = weight_t.t().contiguous()  # row-major (out, in), as an lm_head stores it
