@@ -316,10 +316,10 @@ def _reader_matrix(linear: nn.Module, fisher: torch.Tensor | None, device: torch
     sqrt(fisher) (output errors in units of loss), and a wide weight (out > in, e.g. gate/up) replaced by its
     (in, in) `gram_factor`, which has the same Top-K errors, column norms and folds from the right in less
     memory. (Without it the rows stay: unweighted scaling scales the producer's rows.)"""
-    weight = linear.weight.detach().to(device=device, dtype=torch.float64)
+    weight = linear.weight.detach().to(device=device, dtype=torch.float64, copy=True)
     if fisher is None:
         return weight
-    weight = fisher.to(device).sqrt()[:, None] * weight
+    weight.mul_(fisher.to(device).sqrt()[:, None])  # in place: one float64 copy of the weight at a time
     return gram_factor(weight) if weight.shape[0] > weight.shape[1] else weight
 
 
