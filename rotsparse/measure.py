@@ -184,15 +184,17 @@ def _site_samples(layer: Layer, moments: dict, samples: dict, positions: list):
 
 
 def _sample_positions(token_mask: list[torch.Tensor], count: int, seed: int) -> list[torch.Tensor]:
-    """(1, seq) bool masks choosing `count` real tokens in all, spread evenly over the sequences."""
+    """(1, seq) bool masks choosing `count` real tokens in all, spread evenly over the sequences. The random
+    order comes from a host generator (the same tokens on every device); the masks stay on the masks' device."""
     generator = torch.Generator().manual_seed(seed)
-    real = torch.cat([mask.reshape(-1).cpu() for mask in token_mask])
+    real = torch.cat([mask.reshape(-1) for mask in token_mask])
     chosen = torch.zeros_like(real)
     indices = real.nonzero().squeeze(1)
-    chosen[indices[torch.randperm(indices.numel(), generator=generator)[:count]]] = True
+    order = torch.randperm(indices.numel(), generator=generator)[:count].to(indices.device)
+    chosen[indices[order]] = True
     masks, start = [], 0
     for mask in token_mask:
-        masks.append(chosen[start : start + mask.numel()].view_as(mask).to(mask.device))
+        masks.append(chosen[start : start + mask.numel()].view_as(mask))
         start += mask.numel()
     return masks
 

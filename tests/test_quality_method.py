@@ -510,3 +510,18 @@ def test_calibration_logs_one_progress_line_per_layer_and_stage_with_an_eta(capl
     for stage in ("loss sensitivity, forward", "loss sensitivity, backward", "statistics and error curves"):
         steps = [match.group(1) for line in lines if (match := re.search(f"{stage}: layer (\\d/3), .* elapsed", line))]
         assert steps == ["1/3", "2/3", "3/3"], lines
+
+
+@pytest.mark.parametrize("rotations", [AutoOptions().rotations, IN_DOMAIN_ROTATIONS[:4] + ("run2",)])
+def test_calibration_and_folding_never_copy_to_the_host(monkeypatch, rotations):
+    """Every statistic, basis, curve and fold stays on the device of the layer it belongs to: no `.cpu()` call
+    (on an accelerator each would be a copy and a host sync)."""
+    model = tiny_model("llama", num_layers=3)
+
+    def refuse(tensor, *args, **kwargs):
+        raise AssertionError("Tensor.cpu() called")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    rotsparse.sparsify(model, sparsity=0.5, options=AutoOptions(rotations=rotations),
+                       calibration=random_tokens(num_sequences=6, seed=7), progress=False)
+    assert model.rotsparse_plan.effective_sparsity > 0.4
