@@ -29,6 +29,10 @@ import time
 
 import torch
 
+import rotsparse
+from rotsparse.bench import SYNTHETIC_SHAPES, synthetic_model
+from rotsparse.config import SparsifyConfig
+
 MIB = 1024 * 1024
 
 
@@ -59,42 +63,42 @@ def _stage_seconds(lines: list[tuple[float, str]], started: float) -> dict[str, 
     return seconds
 
 
-def memory_bound_mib(shape: dict, layers: int, sequences: int, seqlen: int, dtype_bytes: int,
+def memory_estimate_mib(shape: dict, layers: int, sequences: int, seqlen: int, dtype_bytes: int,
                      error_tokens: int = 512, sensitivity_sequences: int = 4) -> dict[str, float]:
-    """The terms of docs/methods.md's memory bound of ``auto``'s calibration (beyond the model's weights), MiB.
+    """docs/methods.md's estimate of ``auto``'s calibration memory beyond the model's weights, MiB: the larger of
+    its two phases, plus what is kept.
 
-    inputs: every layer's inputs and outputs for all sequences, 2 n s d b (plus the rotary tables, n s h_d b x 2).
-    sensitivity: every layer's inputs for the backward pass, L n_s s d b; one sequence's float32 logits and their
-        gradient, 2 s V 4; its input gradients n_s s d b.
-    layer: one layer's float64 work: the second moment d^2, the sampled rows e (d + H + d + I), the reader matrices
-        (q, k, v, o; gate and up as d x d factors; down), the largest site's readers twice more (folds), and
-        while gate/up are factored one of them in float64 (I d) with its Gram matrix and eigh workspace (3 d^2).
+    sensitivity (loss sensitivity): every layer's inputs of the n_s sequences, kept for the backward pass, L n_s s d b;
+        those sequences' inputs and outputs of one layer, 2 n_s s d b; one sequence's logits, their float32 copy,
+        log-softmax and gradients, s V (2 b + 12).
+    statistics (the layer-by-layer pass): every sequence's inputs and outputs of one layer, 2 n s d b, plus one
+        layer's float64 work: the second moment d^2; the sampled rows e (2 d + H + I); the reader matrices (q, k, v,
+        o and down as they are, gate and up as d x d factors); the largest site's readers twice more (folds); while
+        gate/up are factored, one of them (I d) and its Gram matrix and eigh workspace (3 d^2); and the error
+        curves' float32 chunks (6 x 2^24 x 4 bytes).
     kept: per layer the value-head rotations kv h_d^2 and the error curves, 8 bytes each.
     """
     d, inner, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], \
         shape["num_key_value_heads"]
     head_dim = shape.get("head_dim") or d // heads
-    n_s = min(sensitivity_sequences, sequences)
+    n_s, b = min(sensitivity_sequences, sequences), dtype_bytes
     width_q = heads * head_dim
-    readers = width_q * d + 2 * kv * head_dim * d + d * width_q + 2 * d * d + d * inner  # min(out, in) x in each
+    readers = width_q * d + 2 * kv * head_dim * d + d * width_q + 2 * d * d + d * inner  # as kept (min(out, in) x in)
     largest = max(width_q + 2 * kv * head_dim, 2 * d) * d
+    layer = 8 * (d * d + error_tokens * (2 * d + width_q + inner) + readers + 2 * largest + inner * d + 3 * d * d) \
+        + 6 * 2 ** 24 * 4
     terms = {
-        "inputs": 2 * sequences * seqlen * (d + head_dim) * dtype_bytes,
-        "sensitivity": layers * n_s * seqlen * d * dtype_bytes + 2 * seqlen * shape["vocab_size"] * 4
-                       + n_s * seqlen * d * dtype_bytes,
-        "layer": 8 * (d * d + error_tokens * (2 * d + width_q + inner) + readers + 2 * largest + inner * d
-                      + 3 * d * d),
+        "sensitivity": (layers + 2) * n_s * seqlen * d * b + seqlen * shape["vocab_size"] * (2 * b + 12),
+        "statistics": 2 * sequences * seqlen * d * b + layer,
         "kept": 8 * layers * (kv * head_dim ** 2 + 3 * (d + 1) + 2 * (width_q + 1) + 2 * (d + 1) + inner + 1),
     }
-    return {key: value / MIB for key, value in terms.items()}
+    terms = {key: value / MIB for key, value in terms.items()}
+    terms["estimate"] = max(terms["sensitivity"], terms["statistics"]) + terms["kept"]
+    return terms
 
 
 def child(args) -> dict:
     """One measurement in this process; returns its record."""
-    import rotsparse
-    from rotsparse.bench import SYNTHETIC_SHAPES, synthetic_model
-    from rotsparse.config import SparsifyConfig
-
     torch.set_num_threads(args.threads)
     layers = args.layers[0]
     model = synthetic_model(args.model, num_layers=layers, dtype=getattr(torch, args.dtype))
@@ -115,15 +119,17 @@ def child(args) -> dict:
     started, cpu = time.perf_counter(), time.process_time()
     rotsparse.sparsify(model, config=config, calibrated=calibrated)
     sparsify_seconds, sparsify_cpu = time.perf_counter() - started, time.process_time() - cpu
+    shape = SYNTHETIC_SHAPES[args.model]
+    dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     return {"model": args.model, "layers": layers, "num_sequences": args.num_sequences, "seqlen": args.seqlen,
             "check_sequences": config.check_sequences, "error_tokens": config.error_tokens, "dtype": args.dtype,
             "threads": torch.get_num_threads(), "calibrate_s": calibrate_seconds,
             "calibrate_cpu_s": calibrate_cpu, "error_curves_s": calibrated.error_seconds, "stages_cpu_s": stages,
-            "sparsify_s": sparsify_seconds, "sparsify_cpu_s": sparsify_cpu, "model_rss_mib": model_mib, "calibrate_peak_rss_mib": calibrate_mib,
-            "final_peak_rss_mib": _max_rss_mib(),
-            "bound_mib": memory_bound_mib(SYNTHETIC_SHAPES[args.model], layers, args.num_sequences, args.seqlen,
-                                          torch.empty((), dtype=getattr(torch, args.dtype)).element_size(),
-                                          config.error_tokens), "full_depth": SYNTHETIC_SHAPES[args.model]["num_hidden_layers"],
+            "sparsify_s": sparsify_seconds, "sparsify_cpu_s": sparsify_cpu, "model_rss_mib": model_mib,
+            "calibrate_peak_rss_mib": calibrate_mib, "final_peak_rss_mib": _max_rss_mib(),
+            "estimate_mib": memory_estimate_mib(shape, layers, args.num_sequences, args.seqlen, dtype_bytes,
+                                             config.error_tokens),
+            "full_depth": shape["num_hidden_layers"],
             "torch": torch.__version__}
 
 
@@ -171,6 +177,9 @@ def main() -> None:
         intercept, slope = _fit(depths, [record[key] for record in records])
         summary[f"{key}_per_layer"] = slope
         summary[f"{key}_full_model"] = intercept + slope * full
+    dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    summary["estimate_full_model_mib"] = memory_estimate_mib(SYNTHETIC_SHAPES[args.model], full, args.num_sequences,
+                                                             args.seqlen, dtype_bytes, records[0]["error_tokens"])
     summary["records"] = records
     print(json.dumps(summary))
 
