@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from .fold import fold_choices
 from .measure import Calibration, calibrate_model
 from .offload import is_offloaded
 from .plan import PLAN_ATTRIBUTE, SparsityPlan, attach_plan, reader_sizes_for, site_sizes_for
+from .progress import Progress
 from .runtime import install_topk, is_sparsified, set_kernels
 from .undo import all_or_nothing
 
@@ -68,7 +68,7 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
                 calibrated = _calibrate(model, family, config, progress, *inputs)
             check_finite(calibrated)
             config = dataclasses.replace(config, options=calibrated.options)
-            chosen, check_losses = _checked_structure(model, calibrated, config, reader_sizes)
+            chosen, check_losses = _checked_structure(model, calibrated, config, reader_sizes, progress)
             applied = apply(family, chosen, config, reader_sizes)
             plan = SparsityPlan.from_readers(applied.reader_keep_k, reader_sizes, rotated=applied.rotated,
                                              config=config, calibration_tokens=calibrated.tokens,
@@ -293,8 +293,8 @@ def apply(family: Family, calibration: Calibration, config: SparsifyConfig, read
                                         for layer, index in zip(calibration.layers, value_choice)))
 
 
-def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig,
-                       reader_sizes) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
+def _checked_structure(model: nn.Module, calibrated: Calibration, config: SparsifyConfig, reader_sizes,
+                       progress: bool = True) -> tuple[Calibration, tuple[tuple[str, float], ...]]:
     """The calibration restricted to the residual-basis structure whose sparsified model has the lowest loss
     on the check sequences (`Calibration.structures`), and (label, loss) of every structure compared.
     Structures that lead to the same plan (bases and K in every layer) are evaluated once; if all do, none is."""
@@ -313,8 +313,8 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
                        "chooses the residual bases)")
         return calibrated, ()
     losses = {}
+    bar = Progress("structure check", len(same_plan), enabled=progress, unit="structure")
     for labels in same_plan.values():
-        started = time.perf_counter()
         candidate = copy.deepcopy(model)
         candidate_family = get_family(candidate)
         applied = apply(candidate_family, restricted[labels[0]], config, reader_sizes)
@@ -323,7 +323,6 @@ def _checked_structure(model: nn.Module, calibrated: Calibration, config: Sparsi
         loss = mean_loss(candidate, calibrated.check_input_ids)
         del candidate, candidate_family
         losses.update({label: loss for label in labels})
-        logger.info("rotsparse: structure %s: check loss %.4f (%.0f s)", "=".join(labels), loss,
-                    time.perf_counter() - started)
+        bar.step(detail=f"{'='.join(labels)}: check loss {loss:.4f}")
     best = min(structures, key=losses.__getitem__)
     return restricted[best], tuple((label, losses[label]) for label in structures)

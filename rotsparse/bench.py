@@ -1,7 +1,8 @@
 """Batch-1 decode latency of a dense model and its sparsified copy, measured interleaved in one run.
 
-Synthetic models (``synthetic:llama2-7b``, ``synthetic:llama3-8b``) have random weights at the real layer
-shapes; under fixed Top-K, speed does not depend on weight values, so they stand in for the real models.
+Synthetic models (``synthetic:llama2-7b``, ``synthetic:llama3-8b``, the mixture of experts
+``synthetic:qwen3-30b-a3b``) have random weights at the real layer shapes; under fixed Top-K, speed does not depend
+on weight values, so they stand in for the real models.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 
 from .api import sparsify
 from .budget import allocate_keep_k
@@ -21,19 +22,23 @@ from .compiled import compile as compile_model, compile_function, eager_forward
 from .config import SparsifyConfig
 from .families import get_family
 from .plan import SparsityPlan, attach_plan, plan_of, site_sizes_for
-from .runtime import ROTATION_BUFFER, QuantizedTopKLinear, TopKLinear, attach_output_rotation, install_topk
+from .runtime import (ROTATION_BUFFER, QuantizedTopKLinear, TopKExperts, TopKLinear, attach_output_rotation,
+                      install_topk)
 
 SYNTHETIC_SHAPES = {
-    # hidden, intermediate, heads, kv heads, vocab, full depth
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      vocab_size=32000, num_hidden_layers=32),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                      vocab_size=128256, num_hidden_layers=32),
+    # model_type, hidden, intermediate, heads, kv heads, vocab, full depth (and the experts of a mixture)
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, num_hidden_layers=32),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, num_hidden_layers=32),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_hidden_layers=48,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
 
 
 def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """A LlamaForCausalLM with random weights at the real shapes of `name` (see `SYNTHETIC_SHAPES`)."""
+    """A causal LM with random weights at the real shapes of `name` (see `SYNTHETIC_SHAPES`)."""
     if name not in SYNTHETIC_SHAPES:
         raise ValueError(f"unknown synthetic model {name!r}; choose one of {sorted(SYNTHETIC_SHAPES)}")
     shape = dict(SYNTHETIC_SHAPES[name])
@@ -41,10 +46,10 @@ def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         shape["num_hidden_layers"] = num_layers
-    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = AutoConfig.for_model(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
         for name_, parameter in model.named_parameters():
@@ -59,7 +64,7 @@ def synthetic_model(name: str, num_layers: int | None = None, dtype: torch.dtype
 
 
 def _inv_freq(config) -> torch.Tensor:
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     base = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
@@ -67,9 +72,12 @@ def _inv_freq(config) -> torch.Tensor:
 def weight_bytes(model: nn.Module) -> dict[str, float]:
     """Bytes a batch-1 decode step must read: decoder layers (sparse linears at K/in), and the whole model.
 
-    Counts every linear weight (quantized ones: the kept rows and all their scales) and rotation matrix;
-    embeddings count one row per token (negligible).
+    Counts every linear weight (quantized ones: the kept rows and all their scales) and rotation matrix, and of
+    batched mixture-of-experts weights the experts one token is routed to (``num_experts_per_tok`` of them; in a
+    `TopKExperts`, at K/in of each site: the bytes a row-gathering kernel would read); embeddings count one row
+    per token (negligible).
     """
+    active = getattr(model.config, "num_experts_per_tok", None)
     in_layers_ids = {id(module) for layer in get_family(model).layers for module in layer.modules()}
     layers = head = 0.0
     for module in model.modules():
@@ -77,12 +85,20 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
         for buffer_name, buffer in module.named_buffers(recurse=False):
             if buffer_name == ROTATION_BUFFER:
                 layers += buffer.numel() * buffer.element_size()
+        size = 0.0
         if isinstance(module, nn.Linear):
             fraction = module.keep_k / module.in_features if isinstance(module, TopKLinear) else 1.0
             if isinstance(module, QuantizedTopKLinear):  # kept rows of the weight; every scale (int4: each group
                 size = module.qweight.nbytes * fraction + module.qscale.nbytes  # holds a kept channel)
             else:
                 size = module.weight.numel() * module.weight.element_size() * fraction
+        elif active and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):  # batched experts
+            fractions = ((module.input_topk.keep_k / module.input_topk.in_features,
+                          module.hidden_topk.keep_k / module.hidden_topk.in_features)
+                         if isinstance(module, TopKExperts) else (1.0, 1.0))
+            size = sum(weight[0].numel() * weight.element_size() * active * fraction
+                       for weight, fraction in zip((module.gate_up_proj, module.down_proj), fractions))
+        if size:
             if in_layers:
                 layers += size
             else:
@@ -247,6 +263,9 @@ def structural_sparse_copy(dense: nn.Module, config: SparsifyConfig, adapter_eve
     site_sizes = site_sizes_for(family)
     keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
     rotated = config.spec.calibrated
+    if rotated and not family.spec.calibrated:
+        raise ValueError(f"method {config.method!r} does not support model_type={model.config.model_type!r} (batched "
+                         f"mixture-of-experts weights); use method='topk'")
     plan = SparsityPlan(keep_k=keep_k, site_sizes=site_sizes, rotated=rotated, config=config)
     if rotated:
         width, weight = family.hidden_size, family.embed_tokens.weight

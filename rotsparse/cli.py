@@ -110,7 +110,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one strict JSON object (NaN/Inf as null) on stdout; everything else to stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress lines")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
 
@@ -459,9 +459,11 @@ def _print_record(record: dict, file) -> None:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Errors only with -q; else rotsparse's INFO lines (progress with ETA, results) and other libraries'
+    warnings, -v their INFO lines too, -vv everything."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("rotsparse").setLevel(level)
+    logging.getLogger("rotsparse").setLevel(level if quiet else min(level, logging.INFO))
 
 
 def _one_line(error: BaseException) -> str:

@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import bos_token_id, token_stream
+from .offload import execution_device
+from .progress import Progress
 
 __all__ = ["PerplexityResult", "make_windows", "mean_loss", "perplexity", "zero_shot"]
 
@@ -95,7 +96,11 @@ def make_windows(stream: torch.Tensor, seqlen: int, bos: int | None = None) -> t
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (where inputs must go)."""
+    """Where the model's inputs go: where its input embeddings compute (accelerate-offloaded models included),
+    else the device of its first parameter."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return execution_device(embeddings)
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -123,7 +128,7 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     was_training = model.training
     model.eval()
     try:
-        total = sum(_window_nll_sum(model, row[None].to(device)).cpu() for row in input_ids)
+        total = sum(_window_nll_sum(model, row[None].to(device)).to(device) for row in input_ids)
     finally:
         model.train(was_training)
     return float(total) / (input_ids.shape[0] * (input_ids.shape[1] - 1))
@@ -156,13 +161,12 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        total = torch.zeros((), dtype=torch.float64)
-        bar = tqdm(total=windows.shape[0], desc="perplexity", unit="window", disable=not progress)
-        with bar:
-            for start in range(0, windows.shape[0], batch_size):
-                batch = windows[start : start + batch_size].to(device)
-                total += _window_nll_sum(model, batch).cpu()
-                bar.update(batch.shape[0])
+        total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per window
+        bar = Progress("perplexity", windows.shape[0], enabled=progress, unit="window", every=None)
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            total += _window_nll_sum(model, batch).to(device)
+            bar.step(batch.shape[0])
     finally:
         model.train(was_training)
     predicted = windows.shape[0] * (windows.shape[1] - 1)

@@ -34,15 +34,15 @@ def fold_rotations(family: Family, rotations: list[torch.Tensor | None]) -> None
         embed = family.embed_tokens
         if rotations[0] is not None:
             embed.weight.copy_(rotate_embedding(embed.weight, rotations[0].to(embed.weight.device)))
-    identity = torch.eye(family.hidden_size, dtype=torch.float64)
     for index, (layer, rotation) in enumerate(zip(layers, rotations)):
         with materialized(layer.layer):
             _fold_layer(layer, rotation)
             following = rotations[index + 1] if index + 1 < len(rotations) else None
             if index + 1 < len(rotations) and rotation is not following:
                 weight = layer.qkv[0].weight
-                matrix = residual_rotation(identity if rotation is None else rotation,
-                                          identity if following is None else following)
+                identity = torch.eye(family.hidden_size, dtype=torch.float64, device=weight.device)
+                matrix = residual_rotation(identity if rotation is None else rotation.to(weight.device),
+                                          identity if following is None else following.to(weight.device))
                 attach_output_rotation(layer.layer, matrix.to(device=weight.device, dtype=weight.dtype))
     if rotations[-1] is not None:
         head, final_norm = family.lm_head, family.final_norm

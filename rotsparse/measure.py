@@ -54,8 +54,10 @@ from torch import nn
 from .config import SITES, AutoOptions, SparsifyConfig, run_length
 from .families import Family, Layer
 from .moments import LossSensitivity, ResidualMoments, SecondMoment, loss_sensitivity, normalized_rows, residual_moments
-from .rotation import (column_scale, expand_head_scale, fold_input, grouped_head_scale, head_block_rotation,
-                       head_rotations, pca_rotation, scale_input, sink_preserving_rotation, topk_error_curve)
+from .offload import execution_device
+from .rotation import (column_scale, expand_head_scale, fold_input, gram_factor, grouped_head_scale,
+                       head_block_rotation, head_rotations, pca_rotation, scale_input, sink_preserving_rotation,
+                       topk_error_curve)
 from .runner import layerwise
 
 
@@ -117,6 +119,7 @@ class Calibration:
                 or options.value_rotation > self.options.value_rotation):
             raise ValueError(f"{options} is not a restriction of {self.options}")
         keep = [self.options.rotations.index(name) for name in options.rotations]
+
         def pick(per_site: dict) -> dict:
             return {site: [values[i] for i in keep] if site in ("h1", "h3") else
                     values if site != "h2" or options.value_rotation else values[:1]
@@ -181,15 +184,17 @@ def _site_samples(layer: Layer, moments: dict, samples: dict, positions: list):
 
 
 def _sample_positions(token_mask: list[torch.Tensor], count: int, seed: int) -> list[torch.Tensor]:
-    """(1, seq) bool masks choosing `count` real tokens in all, spread evenly over the sequences."""
+    """(1, seq) bool masks choosing `count` real tokens in all, spread evenly over the sequences. The random
+    order comes from a host generator (the same tokens on every device); the masks stay on the masks' device."""
     generator = torch.Generator().manual_seed(seed)
-    real = torch.cat([mask.reshape(-1).cpu() for mask in token_mask])
+    real = torch.cat([mask.reshape(-1) for mask in token_mask])
     chosen = torch.zeros_like(real)
     indices = real.nonzero().squeeze(1)
-    chosen[indices[torch.randperm(indices.numel(), generator=generator)[:count]]] = True
+    order = torch.randperm(indices.numel(), generator=generator)[:count].to(indices.device)
+    chosen[indices[order]] = True
     masks, start = [], 0
     for mask in token_mask:
-        masks.append(chosen[start : start + mask.numel()].view_as(mask).to(mask.device))
+        masks.append(chosen[start : start + mask.numel()].view_as(mask))
         start += mask.numel()
     return masks
 
@@ -221,21 +226,22 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
     shared_bases = [{} for _ in family.layers]
     if "global" in options.rotations or any(run_length(name) for name in options.rotations):
         shared_bases = _shared_bases(options.rotations,
-                                     residual_moments(model, family, input_ids, attention_mask))
+                                     residual_moments(model, family, input_ids, attention_mask,
+                                                      progress=progress))
     positions = None
-    for step in layerwise(model, family, input_ids, attention_mask, progress):
+    for step in layerwise(model, family, input_ids, attention_mask, progress, stage="statistics and error curves"):
         if positions is None:  # error rows come from sequences whose loss sensitivity was measured
             measured = len(step.token_mask) if sensitivity is None else sensitivity.sequences
             candidates = [mask if row < measured else torch.zeros_like(mask)
                           for row, mask in enumerate(step.token_mask)]
             positions = _sample_positions(candidates, config.error_tokens, config.seed)
         layer = family.layer(step.layer)
-        width = family.hidden_size
-        moments = {"h1": SecondMoment(width)}
+        device = execution_device(step.layer)
+        moments = {"h1": SecondMoment(family.hidden_size, device)}
         if options.value_rotation:
             heads, kv_heads = layer.attention_heads()
             head_dim = layer.o_proj.in_features // heads
-            moments["h2"] = [SecondMoment(head_dim) for _ in range(kv_heads)]
+            moments["h2"] = [SecondMoment(head_dim, device) for _ in range(kv_heads)]
         samples = {site: [] for site in (*SITES, "sink")}
         current: list = [None, None]  # (sampled positions, token mask) of the sequence running
 
@@ -248,7 +254,7 @@ def calibrate_model(model: nn.Module, family: Family, input_ids: torch.Tensor,
         except FloatingPointError as error:
             raise FloatingPointError(f"decoder layer {step.index}: {error} (second moments)") from error
         tokens = moments["h1"].tokens
-        rows = {site: torch.cat(parts).cpu() for site, parts in samples.items()}
+        rows = {site: torch.cat(parts).to(device) for site, parts in samples.items()}
         error_start = time.perf_counter()
         value_moments = torch.stack([moment.mean for moment in moments["h2"]]) if "h2" in moments else None
         layers.append(_calibrate_layer(layer, moments["h1"].mean, rows, options,
@@ -301,10 +307,22 @@ def _layer_sensitivity(sensitivity: LossSensitivity | None, index: int, position
     if sensitivity is None:
         return None
     energy = sensitivity.token_energy[index]
-    chosen = [mask[0].cpu() for mask in positions[: sensitivity.sequences]]
-    token_weights = {site: [torch.cat([per_token[row][mask] for row, mask in enumerate(chosen)])
+    chosen = [mask[0] for mask in positions[: sensitivity.sequences]]
+    token_weights = {site: [torch.cat([per_token[row][mask.to(per_token.device)] for row, mask in enumerate(chosen)])
                             for per_token in readers] for site, readers in energy.items()}
     return sensitivity.fisher[index], token_weights
+
+
+def _reader_matrix(linear: nn.Module, fisher: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A reader linear's weight (out, in) in float64 on `device`. With `fisher` (out,): rows scaled by
+    sqrt(fisher) (output errors in units of loss), and a wide weight (out > in, e.g. gate/up) replaced by its
+    (in, in) `gram_factor`, which has the same Top-K errors, column norms and folds from the right in less
+    memory. (Without it the rows stay: unweighted scaling scales the producer's rows.)"""
+    weight = linear.weight.detach().to(device=device, dtype=torch.float64, copy=True)
+    if fisher is None:
+        return weight
+    weight.mul_(fisher.to(device).sqrt()[:, None])  # in place: one float64 copy of the weight at a time
+    return gram_factor(weight) if weight.shape[0] > weight.shape[1] else weight
 
 
 @torch.no_grad()
@@ -325,11 +343,13 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
     reader r weighted per token (its gradient energy) and per output (fisher_r / sum(fisher_r)).
     Otherwise errors are relative.
     """
+    device = attn_moment.device
+
     def input_scale(site: str) -> torch.Tensor:  # the pre-norm's scale (ones without a pre-norm)
         norm = layer.pre_norm(site)
         if norm is None:
-            return torch.ones(attn_moment.shape[0], dtype=torch.float64)
-        return layer.norm_scale(norm).double().cpu()
+            return torch.ones(attn_moment.shape[0], dtype=torch.float64, device=device)
+        return layer.norm_scale(norm).to(device=device, dtype=torch.float64)
 
     attn_scale = input_scale("h1")
     rotations = [_candidate(name, attn_moment, attn_scale, shared_bases or {}, rows.get("sink"))
@@ -341,12 +361,10 @@ def _calibrate_layer(layer: Layer, attn_moment: torch.Tensor, rows: dict[str, to
     value_rotations = [None] if value_moments is None else [None, head_rotations(value_moments)]
     if options.allocation != "error" and len(rotations) == 1 and not options.scaling and value_moments is None:
         return LayerCalibration(rotations, **rotation_cost, value_rotations=value_rotations)
-    weights = {site: [linear.weight.detach().double().cpu() for linear in linears]
+    fisher, token_weights = (None, None) if sensitivity is None else sensitivity
+    weights = {site: [_reader_matrix(linear, None if fisher is None else fisher[site][i], device)
+                      for i, linear in enumerate(linears)]
                for site, linears in layer.site_modules().items()}
-    if sensitivity is not None:  # rows scaled by sqrt(fisher): output errors in units of loss
-        fisher, token_weights = sensitivity
-        weights = {site: [fisher[site][i].sqrt()[:, None] * weight for i, weight in enumerate(site_weights)]
-                   for site, site_weights in weights.items()}
 
     def curve(site: str, inputs: torch.Tensor, readers: list[torch.Tensor]) -> torch.Tensor:
         """(readers, width + 1): each reader's error; their sum is the site's error."""

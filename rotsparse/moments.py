@@ -1,6 +1,7 @@
 """Calibration statistics of the dense model, each from one layer-by-layer pass (`rotsparse.runner`): uncentred
 second moments (`SecondMoment`), the residual stream's moments per layer (`residual_moments`) and the loss
-sensitivity of every site linear's outputs (`loss_sensitivity`). All in float64.
+sensitivity of every site linear's outputs (`loss_sensitivity`). All in float64, on the device each layer
+computes on.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from .families import Family
-from .offload import materialized
+from .offload import execution_device, materialized
+from .progress import Progress
 from .runner import layerwise, run_layer
 
 
@@ -23,9 +23,9 @@ def normalized_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class SecondMoment:
-    """Running uncentred second moment X^T X (d, d) in float64 and its token count."""
+    """Running uncentred second moment X^T X (d, d) in float64 on `device`, and its token count."""
 
-    def __init__(self, width: int, device: torch.device | str = "cpu"):
+    def __init__(self, width: int, device: torch.device | str):
         self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.tokens = 0
 
@@ -56,7 +56,8 @@ class ResidualMoments:
 
 
 def residual_moments(model: nn.Module, family: Family, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, max_sequences: int = 4) -> ResidualMoments:
+                     attention_mask: torch.Tensor | None = None, max_sequences: int = 4,
+                     progress: bool = False) -> ResidualMoments:
     """`ResidualMoments` of every layer from one forward pass over the first `max_sequences` sequences (n, seq).
 
     The statistics of residual bases shared by several layers (``auto``'s ``global`` and ``run<G>``
@@ -65,11 +66,11 @@ def residual_moments(model: nn.Module, family: Family, input_ids: torch.Tensor,
     input_ids = input_ids[:max_sequences]
     attention_mask = None if attention_mask is None else attention_mask[:max_sequences]
     moments, sink_rows = [], []
-    for step in layerwise(model, family, input_ids, attention_mask, progress=False):
+    for step in layerwise(model, family, input_ids, attention_mask, progress, stage="residual moments"):
         layer = family.layer(step.layer)
         norm = layer.pre_norm("h1")  # None: q/k/v read the raw residual stream, hooked at their first reader
         eps = None if norm is None else layer.norm_eps(norm)
-        moment, sinks, current = SecondMoment(family.hidden_size), [], {}
+        moment, sinks, current = SecondMoment(family.hidden_size, execution_device(step.layer)), [], {}
 
         def rows_of(x, eps=eps):
             return x.double() if eps is None else normalized_rows(x, eps)
@@ -85,7 +86,7 @@ def residual_moments(model: nn.Module, family: Family, input_ids: torch.Tensor,
         finally:
             handle.remove()
         moments.append(moment.mean)
-        sink_rows.append(torch.cat(sinks).cpu())
+        sink_rows.append(torch.cat(sinks))
     return ResidualMoments(moments, sink_rows)
 
 
@@ -121,7 +122,7 @@ def loss_sensitivity(model: nn.Module, family: Family, input_ids: torch.Tensor,
     if input_ids.numel() and (tokens == 0 or input_ids.shape[1] < 2):  # empty input: `layerwise` names the shape
         raise ValueError("calibration sequences are too short to measure loss sensitivity (need >= 2 tokens)")
     inputs, kwargs, masks = [], [], None
-    for step in layerwise(model, family, input_ids, attention_mask, progress=False):
+    for step in layerwise(model, family, input_ids, attention_mask, progress, stage="loss sensitivity, forward"):
         inputs.append(list(step.hidden))  # the step's list is refilled with the next layer's inputs
         kwargs.append(step.kwargs)
         masks = step.token_mask
@@ -139,12 +140,13 @@ def loss_sensitivity(model: nn.Module, family: Family, input_ids: torch.Tensor,
             grads.append(grad)
     num_layers = len(family.layers)
     fisher, token_energy = [None] * num_layers, [None] * num_layers
-    for index in tqdm(reversed(range(num_layers)), total=num_layers, desc="loss sensitivity",
-                      disable=not progress):
+    bar = Progress("loss sensitivity, backward", num_layers, enabled=progress, unit="layer")
+    for index in reversed(range(num_layers)):
         layer = family.layer(family.layers[index])
+        device = execution_device(layer.layer)
         linears = layer.site_modules()
         sums = {site: [0.0] * len(modules) for site, modules in linears.items()}
-        energies = {site: [torch.zeros(input_ids.shape, dtype=torch.float64) for _ in modules]
+        energies = {site: [torch.zeros(input_ids.shape, dtype=torch.float64, device=device) for _ in modules]
                     for site, modules in linears.items()}
         current_row: list = []
 
@@ -152,8 +154,8 @@ def loss_sensitivity(model: nn.Module, family: Family, input_ids: torch.Tensor,
             def accumulate(grad):
                 row, mask = current_row
                 squares = grad.detach()[0].double().pow(2) * mask[0, :, None]  # (seq, out), 0 on padding
-                sums[site][position] = sums[site][position] + squares.sum(0).cpu()
-                energies[site][position][row] = squares.sum(1).cpu()
+                sums[site][position] = sums[site][position] + squares.sum(0)
+                energies[site][position][row] = squares.sum(1)
 
             def hook(module, args, output):
                 output.register_hook(accumulate)
@@ -175,4 +177,5 @@ def loss_sensitivity(model: nn.Module, family: Family, input_ids: torch.Tensor,
         fisher[index] = {site: [entry / tokens for entry in entries] for site, entries in sums.items()}
         token_energy[index] = energies
         inputs[index] = None
+        bar.step()
     return LossSensitivity(fisher, token_energy, input_ids.shape[0])

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .api import sparsify
 from .config import SparsifyConfig
@@ -37,6 +36,7 @@ from .families import get_family
 from .io import save
 from .models import load_model
 from .plan import attach_plan, plan_of
+from .progress import Progress
 from .runtime import TopKLinear, apply_topk_options, is_sparsified
 
 logger = logging.getLogger("rotsparse")
@@ -226,6 +226,7 @@ def recover(model: nn.Module, tokenizer=None, texts: Sequence[str] | torch.Tenso
     device: where to train (None: where the model is); the model stays there afterwards.
     checkpoint_every: save with `rotsparse.save` into checkpoint_dir/step-N every N steps (0: never).
     l2_rescale, block_size, mlp_activation: Q-Sparse switches applied (and saved in the plan) before training.
+    progress, log_every: a log line (loss, learning rate, elapsed time, ETA) every `log_every` steps (0: none).
     A model that is not sparsified is trained the same way (a dense baseline); the switches need a plan.
     The model is left in eval mode with every parameter's requires_grad restored.
     """
@@ -274,7 +275,7 @@ def recover(model: nn.Module, tokenizer=None, texts: Sequence[str] | torch.Tenso
 
     model.train()
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress)
+    bar = Progress("recover", steps, enabled=progress and log_every > 0, every=max(log_every, 1))
     try:
         for step in range(steps):
             rate = lr * _learning_rate_factor(step, steps, warmup_steps, schedule, min_lr_ratio)
@@ -296,14 +297,10 @@ def recover(model: nn.Module, tokenizer=None, texts: Sequence[str] | torch.Tenso
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(total)
             result.learning_rates.append(rate)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{rate:.2e}")
-            bar.update(1)
-            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-                logger.info("recover: step %d/%d loss %.4f lr %.2e", step + 1, steps, total, rate)
+            bar.step(detail=f"loss {total:.4f}, lr {rate:.2e}")
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 result.checkpoints.append(str(_checkpoint(model, tokenizer, Path(checkpoint_dir) / f"step-{step + 1}")))
     finally:
-        bar.close()
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(requires_grad.get(id(parameter), True))

@@ -24,7 +24,7 @@ def pca_rotation(second_moment: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(eigenvalues, descending=True)
     rotation = eigenvectors[:, order]
     pivot = rotation.abs().argmax(dim=0)
-    signs = torch.sign(rotation[pivot, torch.arange(rotation.shape[1])])
+    signs = torch.sign(rotation[pivot, torch.arange(rotation.shape[1], device=rotation.device)])
     signs[signs == 0] = 1.0
     return rotation * signs
 
@@ -46,11 +46,20 @@ def sink_preserving_rotation(second_moment: torch.Tensor, sink_rows: torch.Tenso
     count = int((share[order].cumsum(0) < energy).sum()) + 1
     if count > (max_channels or width // 32):
         return pca_rotation(second_moment)
-    kept, rest = order[:count].sort().values, order[count:].sort().values
-    rotation = torch.zeros(width, width, dtype=torch.float64, device=second_moment.device)
-    rotation[kept, torch.arange(count)] = 1.0
-    rotation[rest[:, None], torch.arange(count, width)[None, :]] = pca_rotation(second_moment[rest][:, rest])
+    device = second_moment.device
+    kept, rest = order[:count].sort().values.to(device), order[count:].sort().values.to(device)
+    rotation = torch.zeros(width, width, dtype=torch.float64, device=device)
+    rotation[kept, torch.arange(count, device=device)] = 1.0
+    rotation[rest[:, None], torch.arange(count, width, device=device)[None, :]] = pca_rotation(
+        second_moment[rest][:, rest])
     return rotation
+
+
+def gram_factor(weight: torch.Tensor) -> torch.Tensor:
+    """F (in, in) float64 with F^T F = W^T W for a weight W (out, in): for every x, ||x F^T|| = ||x W^T||, so F
+    stands for a wide W (out > in) in output errors, column norms and right-multiplied folds."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(weight.double().T @ weight.double())
+    return eigenvalues.clamp_min(0).sqrt()[:, None] * eigenvectors.T
 
 
 def head_rotations(head_moments: torch.Tensor) -> torch.Tensor:
@@ -156,25 +165,25 @@ def topk_error_curve(inputs: torch.Tensor, weight: torch.Tensor, points: int = 3
     `weight` is first replaced by a (d, d) factor with the same Gram matrix W^T W.
     """
     if weight.shape[0] > weight.shape[1]:
-        eigenvalues, eigenvectors = torch.linalg.eigh(weight.double().T @ weight.double())
-        weight = eigenvalues.clamp_min(0).sqrt()[:, None] * eigenvectors.T
-    inputs, weight = inputs.float(), weight.float()
+        weight = gram_factor(weight)
+    device = inputs.device
+    inputs, weight = inputs.float(), weight.to(device=device, dtype=torch.float32)
     width = inputs.shape[1]
-    grid = torch.unique(torch.linspace(0, width, points + 1).round().long())
+    grid = torch.unique(torch.linspace(0, width, points + 1, device=device).round().long())
     ranks = inputs.abs().argsort(dim=-1, descending=True).argsort(dim=-1)
     blocks = torch.bucketize(ranks, grid[1:-1], right=True)
     count = grid.numel() - 1
-    errors = torch.zeros(count, dtype=torch.float64)
+    errors = torch.zeros(count, dtype=torch.float64, device=device)
     chunk = max(1, chunk_elements // (count * max(width, weight.shape[0])))
-    block_ids = torch.arange(count)[:, None, None]
+    block_ids = torch.arange(count, device=device)[:, None, None]
     for start in range(0, inputs.shape[0], chunk):
         rows, row_blocks = inputs[start : start + chunk], blocks[start : start + chunk]
         parts = (rows[None] * (row_blocks[None] == block_ids)) @ weight.T  # (blocks, n, out)
         dropped = parts.flip(0).cumsum(0).flip(0)  # block b: everything ranked >= grid[b]
         errors += dropped.pow(2).sum((1, 2)).double()
     total = errors[0].clamp_min(torch.finfo(torch.float64).tiny) if relative else max(inputs.shape[0], 1)
-    at_grid = torch.cat([errors / total, torch.zeros(1, dtype=torch.float64)])
-    return _interpolate(torch.arange(width + 1, dtype=torch.float64), grid.double(), at_grid)
+    at_grid = torch.cat([errors / total, torch.zeros(1, dtype=torch.float64, device=device)])
+    return _interpolate(torch.arange(width + 1, dtype=torch.float64, device=device), grid.double(), at_grid)
 
 
 def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

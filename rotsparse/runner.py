@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .families import Family
 from .offload import execution_device, materialized
+from .progress import Progress
 
 
 class _InputRecorder(nn.Module):
@@ -91,10 +91,13 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 
 def layerwise(model: nn.Module, family: Family, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None, progress: bool = True) -> Iterator[LayerStep]:
+              attention_mask: torch.Tensor | None = None, progress: bool = True,
+              stage: str = "calibration") -> Iterator[LayerStep]:
     """Yield a `LayerStep` per decoder layer; after each, advance the hidden states through the dense layer.
 
-    input_ids: (n, seq) long. attention_mask: (n, seq), 1 on real tokens. Sequences run one at a time.
+    input_ids: (n, seq) long. attention_mask: (n, seq), 1 on real tokens. Sequences run one at a time, on the
+    device the embeddings compute on; each layer runs where its weights are (accelerate moves the inputs).
+    With `progress`, one log line per layer (`rotsparse.progress`) names `stage`, the time so far and an ETA.
     """
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"calibration input_ids must have shape (n, seq) with n, seq > 0, got {tuple(input_ids.shape)}")
@@ -112,7 +115,8 @@ def layerwise(model: nn.Module, family: Family, input_ids: torch.Tensor,
             hidden.append(family.embed_tokens(ids))
             token_mask.append(torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
             family.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-    for index in tqdm(range(num_layers), desc="calibrating layers", disable=not progress):
+    bar = Progress(stage, num_layers, enabled=progress, unit="layer")
+    for index in range(num_layers):
         layer = family.layers[index]
         kwargs = [records[index][row] for row in range(len(hidden))]
         step = LayerStep(index, layer, hidden, kwargs, token_mask)
@@ -127,3 +131,4 @@ def layerwise(model: nn.Module, family: Family, input_ids: torch.Tensor,
                 )
         hidden[:] = outputs
         records[index] = []
+        bar.step()

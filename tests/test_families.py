@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rotsparse
+from rotsparse.bench import weight_bytes
 from rotsparse.config import AutoOptions, SparsifyConfig
 from rotsparse.families import FusedLayer, RowSlice, get_family
 from rotsparse.fold import fold_choices, fold_rotations, fold_scales, fold_value_rotation
@@ -13,16 +14,8 @@ from rotsparse.io import load, save
 from rotsparse.runtime import TopKExperts, TopKLinear, TopKSite
 from rotsparse.topk import keep_topk
 
-from tiny_models import FAMILIES, MOE_FAMILIES, random_tokens, tiny_model
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
+from tiny_models import (FAMILIES, MOE_FAMILIES, generated_and_stepwise, logits, random_tokens, relative_error,
+                         tiny_model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,14 +96,8 @@ def test_generate_equals_step_by_step_decoding_without_cache(family):
     sequence without a cache."""
     model = rotsparse.sparsify(tiny_model(family), sparsity=0.5, calibration=random_tokens(seed=3),
                                progress=False)
-    prompt = random_tokens(num_sequences=1, length=10)
-    with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        sequence = prompt
-        for _ in range(6):
-            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(generated, sequence)
+    generated, stepwise = generated_and_stepwise(model)
+    assert torch.equal(generated, stepwise)
 
 
 def test_a_model_the_family_mapping_cannot_read_is_refused_with_what_is_missing(monkeypatch):
@@ -179,15 +166,9 @@ def test_moe_save_load_round_trip_and_generation(tmp_path, family):
     assert torch.allclose(logits(restored, tokens), expected, atol=1e-5, rtol=1e-5)
     assert restored.state_dict().keys() == model.state_dict().keys()
     assert restored.rotsparse_plan == model.rotsparse_plan
-    prompt = random_tokens(num_sequences=1, length=10)
-    with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        sequence = prompt
-        for _ in range(6):
-            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_token], dim=1)
-        assert torch.equal(generated, sequence)
-        assert torch.equal(restored.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), generated)
+    generated, stepwise = generated_and_stepwise(model)
+    assert torch.equal(generated, stepwise)
+    assert torch.equal(generated_and_stepwise(restored)[0], generated)
 
 
 @pytest.mark.parametrize("method", ["auto", "larosa"])
@@ -231,3 +212,25 @@ def test_moe_experts_without_batched_weights_are_refused_with_what_is_missing():
         layer.mlp.experts = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(4)])
     with pytest.raises(NotImplementedError, match="experts 'mlp.experts' without gate_up_proj; .* without down_proj"):
         rotsparse.sparsify(model, sparsity=0.5, method="topk", progress=False)
+
+
+def test_decode_bytes_count_the_routed_experts_at_their_sites_k():
+    """`weight_bytes`: an MoE layer reads its linears and the `num_experts_per_tok` experts a token is routed to,
+    whose sites read K/in of their rows when sparsified (equal bytes at sparsity 0)."""
+    dense = tiny_model("qwen3_moe")
+    experts = dense.model.layers[0].mlp.experts
+    active = dense.config.num_experts_per_tok
+    linears = sum(module.weight.numel() * 4 for module in dense.model.layers.modules()
+                  if isinstance(module, torch.nn.Linear))
+    routed = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4 * active
+    assert weight_bytes(dense)["layers"] == linears + routed
+    unchanged = rotsparse.sparsify(tiny_model("qwen3_moe"), sparsity=0.0, method="topk", progress=False)
+    assert weight_bytes(unchanged) == weight_bytes(dense)
+    sparse = rotsparse.sparsify(tiny_model("qwen3_moe"), sparsity=0.5, method="topk", progress=False)
+    sparse_experts = sparse.model.layers[0].mlp.experts
+    assert isinstance(sparse_experts, TopKExperts)
+    kept = (experts.gate_up_proj[0].numel() * sparse_experts.input_topk.keep_k / sparse_experts.input_topk.in_features
+            + experts.down_proj[0].numel() * sparse_experts.hidden_topk.keep_k / sparse_experts.hidden_topk.in_features)
+    sparse_linears = sum(module.weight.numel() * 4 * module.keep_k / module.in_features
+                         for module in sparse.model.layers.modules() if isinstance(module, TopKLinear))
+    assert weight_bytes(sparse)["layers"] == pytest.approx(sparse_linears + kept * 4 * active)

@@ -178,24 +178,29 @@ def test_newer_format_version_is_refused(tmp_path):
         load(tmp_path)
 
 
-def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
-    save(sparsified("llama"), tmp_path)
-    weights_path = tmp_path / "model.safetensors"
-    weights = load_file(weights_path)
+def _wrong_shape(weights):
     weights["model.layers.0.mlp.down_proj.weight"] = torch.zeros(3, 3)
-    save_file(weights, weights_path, metadata={"format": "pt"})
-    with pytest.raises(Exception, match="down_proj"):
-        load(tmp_path)
 
 
-def test_missing_weights_are_refused(tmp_path):
+def _missing(weights):
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+
+
+@pytest.mark.parametrize("edit,error,name", [(_wrong_shape, Exception, "down_proj"), (_missing, ValueError, "k_proj")],
+                         ids=["wrong shape", "missing"])
+def test_weights_that_do_not_match_the_config_are_refused_naming_them(tmp_path, edit, error, name):
     save(sparsified("llama"), tmp_path)
     weights_path = tmp_path / "model.safetensors"
     weights = load_file(weights_path)
-    del weights["model.layers.1.self_attn.k_proj.weight"]
+    edit(weights)
     save_file(weights, weights_path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="k_proj"):
+    with pytest.raises(error, match=name):
         load(tmp_path)
+
+
+def test_a_missing_weights_file_is_refused(tmp_path):
+    save(sparsified("llama"), tmp_path)
+    weights_path = tmp_path / "model.safetensors"
     weights_path.unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load(tmp_path)

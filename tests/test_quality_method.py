@@ -1,5 +1,8 @@
 """Mathematical facts of the ``auto`` method: exact folding of scales and rotations, error curves, budget."""
 
+import logging
+import re
+
 import pytest
 import torch
 
@@ -18,19 +21,10 @@ from rotsparse.rotation import (column_scale, expand_head_scale, grouped_head_sc
 from rotsparse.runtime import ROTATION_BUFFER, TopKLinear
 from rotsparse.topk import keep_topk
 
-from tiny_models import FAMILIES, random_tokens, tiny_model
+from tiny_models import FAMILIES, logits, random_tokens, relative_error, tiny_model
 
 
 ALL_CANDIDATES = ROTATION_CANDIDATES[:-1] + ("run2",)  # "run<G>" stands for any G
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -503,3 +497,31 @@ def test_default_offers_the_identity_basis_only():
     assert SparsifyConfig().resolved_options.rotations == ("identity",)
     assert "identity" in IN_DOMAIN_ROTATIONS and len(IN_DOMAIN_ROTATIONS) > 1
     AutoOptions(rotations=IN_DOMAIN_ROTATIONS)  # valid candidates
+
+
+def test_calibration_logs_one_progress_line_per_layer_and_stage_with_an_eta(caplog):
+    model = tiny_model("llama", num_layers=3)
+    with caplog.at_level(logging.INFO, logger="rotsparse"):
+        calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64), progress=False)
+    assert not [record for record in caplog.records if "ETA" in record.getMessage()]
+    with caplog.at_level(logging.INFO, logger="rotsparse"):
+        calibrate(model, calibration=random_tokens(seed=7), config=SparsifyConfig(error_tokens=64))
+    lines = [record.getMessage() for record in caplog.records if "ETA" in record.getMessage()]
+    for stage in ("loss sensitivity, forward", "loss sensitivity, backward", "statistics and error curves"):
+        steps = [match.group(1) for line in lines if (match := re.search(f"{stage}: layer (\\d/3), .* elapsed", line))]
+        assert steps == ["1/3", "2/3", "3/3"], lines
+
+
+@pytest.mark.parametrize("rotations", [AutoOptions().rotations, IN_DOMAIN_ROTATIONS[:4] + ("run2",)])
+def test_calibration_and_folding_never_copy_to_the_host(monkeypatch, rotations):
+    """Every statistic, basis, curve and fold stays on the device of the layer it belongs to: no `.cpu()` call
+    (on an accelerator each would be a copy and a host sync)."""
+    model = tiny_model("llama", num_layers=3)
+
+    def refuse(tensor, *args, **kwargs):
+        raise AssertionError("Tensor.cpu() called")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    rotsparse.sparsify(model, sparsity=0.5, options=AutoOptions(rotations=rotations),
+                       calibration=random_tokens(num_sequences=6, seed=7), progress=False)
+    assert model.rotsparse_plan.effective_sparsity > 0.4

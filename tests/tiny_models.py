@@ -7,6 +7,8 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, M
                           Olmo2Config, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig,
                           SmolLM3Config)
 
+import rotsparse
+
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "qwen3", "smollm3", "olmo2", "phi3")
 """Families every method supports."""
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
@@ -61,6 +63,39 @@ def tiny_model(family: str, seed: int = 0, **kwargs):
 def random_tokens(vocab_size: int = 128, num_sequences: int = 4, length: int = 32, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (num_sequences, length), generator=generator)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||."""
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits (n, seq, vocab) for token ids (n, seq), without gradients."""
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def invariance_error(model, **sparsify_settings) -> float:
+    """Relative logit error of `model` sparsified in place at sparsity 0 (calibrated on `random_tokens(seed=7)`)
+    against the model before, on `random_tokens()`: ~0 when every fold is exact."""
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    rotsparse.sparsify(model, sparsity=0.0, calibration=random_tokens(seed=7), progress=False, **sparsify_settings)
+    return relative_error(logits(model, tokens), expected)
+
+
+def generated_and_stepwise(model, steps: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy `generate` (KV cache, decode kernels) of `steps` tokens after a random 10-token prompt, and the same
+    greedy tokens computed step by step on the whole sequence without a cache: equal when decoding is right."""
+    prompt = random_tokens(num_sequences=1, length=10)
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        sequence = prompt
+        for _ in range(steps):
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    return generated, sequence
 
 
 def tiny_tokenizer(vocab_size: int = 128):
