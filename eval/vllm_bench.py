@@ -1,15 +1,16 @@
 """Decode throughput of saved folders served by vLLM (offline `vllm.LLM`), side by side in one run.
 
-    taskset -c 1 env OMP_NUM_THREADS=1 python eval/vllm_bench.py DENSE_DIR SPARSE_DIR [--dtype float32 bfloat16]
-        [--batches 1 8] [--tokens 64] [--rounds 2] [--repeats 3] [--json OUT]
+    taskset -c 1 env OMP_NUM_THREADS=1 python eval/vllm_bench.py DENSE_DIR SPARSE_DIR [...] [--dtype float32 bfloat16]
+        [--batches 1 8] [--tokens 64] [--repeats 5] [--json OUT]
 
-Every folder is served by its own vLLM engine in a fresh subprocess (vLLM holds process-wide state), on the
-cores this process may use (pin it: ``taskset``), and the folders take turns for `--rounds` rounds. Per batch
-size B, each repeat times ``generate`` of B copies of a short prompt with 1 new token and with 1 + `tokens` new
-tokens (end of sequence ignored); decode throughput = B x tokens / (difference of the two times), the best
-repeat of every round, median over rounds. Printed: tokens/s per folder, dtype and batch, and each folder's
-ratio to the first (dense) one. The engines run eagerly (``enforce_eager``: no torch.compile), as the sparse
-plugin does.
+Per dtype, one subprocess (vLLM holds process-wide state) starts a vLLM engine for every folder, in process,
+on the cores this process may use (pin it: ``taskset``), and the folders take turns: each repeat times, for
+every batch size B and every folder in turn, ``generate`` of B copies of a short prompt with 1 new token and
+with 1 + `tokens` new tokens (end of sequence ignored); decode throughput = B x tokens / (difference of the two
+times). Printed: the best repeat's tokens/s per folder, dtype and batch, and the median over repeats of each
+folder's ratio to the first (dense) folder in the same repeat (turns taken seconds apart, so load from other
+processes on a shared core affects both sides alike). The engines run eagerly (``enforce_eager``: no
+torch.compile), as the sparse plugin was tested.
 
     python eval/vllm_bench.py --linears SPARSE_DIR [--dtype ...] [--batches 1 8]
 
@@ -32,29 +33,29 @@ import time
 PROMPT = "The Python interpreter reads a module, compiles it to bytecode and"
 
 
-def worker(directory: str, dtype: str, batches: list[int], tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of `directory` per batch size (this process's vLLM engine)."""
+def worker(folders: list[str], dtype: str, batches: list[int], tokens: int, repeats: int) -> dict:
+    """Decode tokens/s of every folder per batch size and repeat (one vLLM engine per folder, in this process)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=directory, dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=max(batches),
-              distributed_executor_backend="uni")
+    engines = [LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=max(batches),
+                   distributed_executor_backend="uni") for folder in folders]
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0, max_tokens=1 + tokens, ignore_eos=True)
-    llm.generate([PROMPT], full, use_tqdm=False)  # warm-up
-    results = {}
-    for batch in batches:
-        prompts, best = [PROMPT] * batch, []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            llm.generate(prompts, first, use_tqdm=False)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, full, use_tqdm=False)
-            total = time.perf_counter() - start
-            assert all(len(output.outputs[0].token_ids) == 1 + tokens for output in outputs)
-            best.append(batch * tokens / (total - prefill))
-        results[str(batch)] = max(best)
-    return results
+    for llm in engines:
+        llm.generate([PROMPT], full, use_tqdm=False)  # warm-up
+    rates = {folder: {str(batch): [] for batch in batches} for folder in folders}
+    for _ in range(repeats):
+        for batch in batches:
+            for folder, llm in zip(folders, engines):
+                start = time.perf_counter()
+                llm.generate([PROMPT] * batch, first, use_tqdm=False)
+                prefill = time.perf_counter() - start
+                start = time.perf_counter()
+                outputs = llm.generate([PROMPT] * batch, full, use_tqdm=False)
+                total = time.perf_counter() - start
+                assert all(len(output.outputs[0].token_ids) == 1 + tokens for output in outputs)
+                rates[folder][str(batch)].append(batch * tokens / (total - prefill))
+    return rates
 
 
 def linears(directory: str, dtype: str, batches: list[int]) -> dict:
@@ -114,15 +115,15 @@ def linears(directory: str, dtype: str, batches: list[int]) -> dict:
     return results
 
 
-def run_worker(directory: str, dtype: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", directory, "--dtype", dtype, "--batches",
+def run_worker(dtype: str, args) -> dict:
+    command = [sys.executable, __file__, *args.folders, "--worker", "--dtype", dtype, "--batches",
                *map(str, args.batches), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
     environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not lines:
-        raise RuntimeError(f"vLLM on {directory} ({dtype}) failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"vLLM ({dtype}) failed (exit code {result.returncode}):\n{result.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -132,11 +133,10 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens timed per request")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--linears", help="time the decoder linears of this sparse folder (see above)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.linears:
         print(f"{'dtype':<9} {'batch':>5} {'dense us':>9} {'sparse us':>9} {'dense/sparse':>12}")
@@ -146,30 +146,28 @@ def main() -> None:
                       f"{times['dense'] / times['sparse']:>11.2f}x")
         return
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.dtype[0], args.batches, args.tokens, args.repeats)))
-        return
+        print("RESULT " + json.dumps(worker(args.folders, args.dtype[0], args.batches, args.tokens, args.repeats)),
+              flush=True)
+        os._exit(0)  # several in-process engines do not tear down cleanly at interpreter exit
     if len(args.folders) < 2:
         parser.error("give a baseline folder and at least one more")
-    rates = {(folder, dtype): [] for folder in args.folders for dtype in args.dtype}
-    for _ in range(args.rounds):
-        for dtype in args.dtype:
-            for folder in args.folders:
-                rates[folder, dtype].append(run_worker(folder, dtype, args))
     records = []
-    print(f"{'folder':<40} {'dtype':<9} {'batch':>5} {'tokens/s':>9} {'vs first':>8}")
+    print(f"{'folder':<24} {'dtype':<9} {'batch':>5} {'tokens/s':>9} {'vs first':>8}")
     for dtype in args.dtype:
+        rates = run_worker(dtype, args)
         for batch in map(str, args.batches):
-            baseline = statistics.median(round_[batch] for round_ in rates[args.folders[0], dtype])
+            baseline = rates[args.folders[0]][batch]
             for folder in args.folders:
-                rate = statistics.median(round_[batch] for round_ in rates[folder, dtype])
-                records.append({"folder": folder, "dtype": dtype, "batch": int(batch), "tokens_per_s": rate,
-                                "ratio": rate / baseline, "rounds": [round_[batch] for round_ in rates[folder, dtype]]})
-                print(f"{os.path.basename(os.path.normpath(folder)):<40} {dtype:<9} {batch:>5} {rate:>9.1f} "
-                      f"{rate / baseline:>7.2f}x")
+                ratio = statistics.median(rate / base for rate, base in zip(rates[folder][batch], baseline))
+                records.append({"folder": folder, "dtype": dtype, "batch": int(batch),
+                                "tokens_per_s": max(rates[folder][batch]), "ratio": ratio,
+                                "repeats": rates[folder][batch]})
+                print(f"{os.path.basename(os.path.normpath(folder)):<24} {dtype:<9} {batch:>5} "
+                      f"{max(rates[folder][batch]):>9.1f} {ratio:>7.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"command": sys.argv, "tokens": args.tokens, "rounds": args.rounds, "repeats": args.repeats,
-                       "records": records}, handle, indent=1)
+            json.dump({"command": sys.argv, "tokens": args.tokens, "repeats": args.repeats, "records": records},
+                      handle, indent=1)
 
 
 if __name__ == "__main__":
