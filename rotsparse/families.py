@@ -67,6 +67,14 @@ class FamilySpec:
         if self.norm_convention not in ("plain", "plus_one"):
             raise ValueError(f"norm_convention must be 'plain' or 'plus_one', got {self.norm_convention!r}")
 
+    def reader_paths(self) -> dict[str, tuple[str, int]]:
+        """Path (from a decoder layer) of every site linear -> (site, index among the site's readers), in
+        `Layer.site_linears` order: what a plan's per-reader K refers to. A mixture of experts' batched experts
+        (h3/h4) are no linears and not listed."""
+        roles = {"h1": (self.q, self.k, self.v), "h2": (self.o,), "h3": (self.gate, self.up), "h4": (self.down,)}
+        return {path: (site, index) for site, paths in roles.items()
+                for index, path in enumerate(path for path in paths if path is not None)}
+
 
 FAMILIES: dict[str, FamilySpec] = {}
 """model_type -> `FamilySpec`."""
@@ -145,9 +153,10 @@ class Layer(_View):
     def site_linears(self) -> dict[str, list[tuple[nn.Module, str]]]:
         """Site name -> [(parent module, attribute name)] of the linears reading that site's input (one fused
         linear is one reader)."""
-        spec = self.spec
-        roles = {"h1": (spec.q, spec.k, spec.v), "h2": (spec.o,), "h3": (spec.gate, spec.up), "h4": (spec.down,)}
-        return {site: [_slot(self.layer, path) for path in paths if path is not None] for site, paths in roles.items()}
+        linears = {site: [] for site in ("h1", "h2", "h3", "h4")}
+        for path, (site, _) in self.spec.reader_paths().items():
+            linears[site].append(_slot(self.layer, path))
+        return linears
 
     def _linear_roles(self) -> tuple[str, ...]:
         """The spec roles naming this layer's site linears."""

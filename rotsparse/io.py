@@ -29,7 +29,7 @@ try:  # transformers >= 5: checkpoints are written in the original layout, not t
 except ImportError:
     revert_weight_conversion = None
 
-from .config import SITES, run_length
+from .config import SITES
 from .families import get_family
 from .plan import (CONFIG_KEY, CheckpointError, SparsityPlan, plan_from_section, plan_of, quantization_section,
                    read_plan, site_sizes_for)
@@ -156,24 +156,17 @@ def implied_rotations(model: nn.Module, plan: SparsityPlan) -> set[str] | None:
     """
     names = {id(module): name for name, module in model.named_modules()}
     layers = get_family(model).layer_views()
-    if not plan.residual_bases:
-        return None if plan.rotated else set()
-    if len(plan.residual_bases) != len(layers):
+    if plan.residual_bases and len(plan.residual_bases) != len(layers):
         raise CheckpointError(f"the plan has residual bases for {len(plan.residual_bases)} layers, the model has "
                               f"{len(layers)}")
-    bases = plan.residual_bases
-    implied = set()
-    for index, layer in enumerate(layers):
-        if index + 1 < len(layers):
-            here, following = bases[index], bases[index + 1]
-            run = run_length(here)
-            shared = here == following and (here in ("identity", "global")
-                                            or (run is not None and index // run == (index + 1) // run))
-            if not shared:
-                implied.add(names[id(layer.layer)])
-        if bases[index] != "identity":
-            implied |= {names[id(norm)] for norm in (layer.attn_output_norm, layer.mlp_output_norm)
-                        if norm is not None}
+    rotated = plan.rotation_layers()
+    if rotated is None:
+        return None
+    residual, post_norm = rotated
+    implied = {names[id(layers[index].layer)] for index in residual}
+    for index in post_norm:
+        layer = layers[index]
+        implied |= {names[id(norm)] for norm in (layer.attn_output_norm, layer.mlp_output_norm) if norm is not None}
     return implied
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import SITES, SparsifyConfig
+from .config import SITES, SparsifyConfig, run_length
 from .families import Family
 
 FORMAT_VERSION = 1
@@ -96,6 +96,25 @@ class SparsityPlan:
             raise ValueError(f"layer {layer} site {SITES[site]}: the plan has K for {len(site_k)} reader linears, "
                              f"the model has {readers}")
         return site_k
+
+    def rotation_layers(self) -> tuple[frozenset[int], frozenset[int]] | None:
+        """Layers whose forward carries a rotation at run time (`rotsparse.runtime.attach_output_rotation`):
+        (residual: decoder layers l whose output is rotated into layer l+1's basis because their residual bases
+        differ -- equal names share one basis for "identity", "global" and the layers of one "run<G>", "pca*"
+        bases are per layer; post-norm: layers whose post-norms, in families that have them, rotate their output
+        because the layer's basis is not the identity). None for a rotated plan saved before `residual_bases`
+        existed (any layer may carry one)."""
+        if not self.residual_bases:
+            return None if self.rotated else (frozenset(), frozenset())
+        bases = self.residual_bases
+        residual = set()
+        for index, (here, following) in enumerate(zip(bases, bases[1:])):
+            run = run_length(here)
+            shared = here == following and (here in ("identity", "global")
+                                            or (run is not None and index // run == (index + 1) // run))
+            if not shared:
+                residual.add(index)
+        return frozenset(residual), frozenset(index for index, base in enumerate(bases) if base != "identity")
 
     @property
     def effective_sparsity(self) -> float:

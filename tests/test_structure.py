@@ -19,7 +19,7 @@ from rotsparse.topk import keep_topk
 from tiny_models import invariance_error, random_tokens, tiny_config
 
 PACKAGE = Path(rotsparse.__file__).parent
-OPTIONAL_IMPORTS = {"lm_eval", "triton", "matplotlib", "pyarrow", "datasets", "pydoc_data"}
+OPTIONAL_IMPORTS = {"lm_eval", "triton", "matplotlib", "pyarrow", "datasets", "pydoc_data", "vllm"}
 """Optional or heavy dependencies that may be imported inside a function (only where they are needed)."""
 
 
