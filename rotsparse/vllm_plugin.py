@@ -63,7 +63,7 @@ def check_servable(plan: SparsityPlan, model_type: str) -> FamilySpec:
         raise ValueError(f"rotsparse cannot serve this model with vLLM: it was trained with mlp_activation="
                          f"{plan.config.mlp_activation!r}, and vLLM's model code runs the architecture's own MLP "
                          f"activation; use transformers (rotsparse.load)")
-    weight_bits = getattr(plan.config, "weight_bits", None)  # quantized Top-K linears (qweight / qscale tensors)
+    weight_bits = plan.config.weight_bits  # quantized Top-K linears (qweight / qscale tensors)
     if weight_bits:
         raise ValueError(f"rotsparse cannot serve this model with vLLM: its Top-K linears hold {weight_bits}-bit "
                          f"quantized weights (qweight / qscale tensors), which this plugin does not load; use "
