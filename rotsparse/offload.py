@@ -142,7 +142,7 @@ def _onload(modules: tuple[nn.Module, ...], device) -> list[_Onloaded]:
                 old = _get(owner, leaf)
                 if id(old) not in loaded:
                     value = hook.weights_map[name].to(device=target, dtype=old.dtype)
-                    if getattr(owner, "input_major", False) and leaf == "weight":
+                    if leaf in getattr(owner, "input_major_parameters", ()):
                         value = to_input_major(value)
                     if leaf in owner._parameters:
                         value = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -239,15 +239,17 @@ def _write_to_disk(loader, key: str, tensor: torch.Tensor) -> None:
 # Top-K linears under offload ---------------------------------------------------------------------
 
 class InputMajorOffloadHook(AlignDevicesHook):
-    """``AlignDevicesHook`` for an offloaded module whose weight is kept input-major (``input_major = True``:
-    `rotsparse.runtime.TopKLinear`): after loading the stored (out, in) weight, lay it
-    out input-channel-major (a transpose view of a contiguous (in, out) tensor) for the decode kernel."""
+    """``AlignDevicesHook`` for an offloaded module whose weights are kept input-major (those its
+    ``input_major_parameters`` name: `rotsparse.runtime.TopKLinear`, `rotsparse.runtime.TopKExperts`): after
+    loading a stored (..., out, in) weight, lay it out input-channel-major (a transpose view of a contiguous
+    (..., in, out) tensor) for the decode kernels."""
 
     def pre_forward(self, module, *args, **kwargs):
         args, kwargs = super().pre_forward(module, *args, **kwargs)
-        weight = module._parameters.get("weight")
-        if weight is not None and weight.device.type != "meta" and not weight.t().is_contiguous():
-            module._parameters["weight"] = nn.Parameter(to_input_major(weight), requires_grad=weight.requires_grad)
+        for name in module.input_major_parameters:
+            weight = module._parameters.get(name)
+            if weight is not None and weight.device.type != "meta" and not weight.transpose(-2, -1).is_contiguous():
+                module._parameters[name] = nn.Parameter(to_input_major(weight), requires_grad=weight.requires_grad)
         return args, kwargs
 
 
@@ -261,7 +263,8 @@ def adopt_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
                         io_same_device=hook.io_same_device, weights_map=hook.weights_map,
                         offload_buffers=hook.offload_buffers, place_submodules=hook.place_submodules,
                         skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map)
-        hook_class = InputMajorOffloadHook if hook.offload and getattr(new, "input_major", False) else AlignDevicesHook
+        input_major = hook.offload and getattr(new, "input_major_parameters", ())
+        hook_class = InputMajorOffloadHook if input_major else AlignDevicesHook
         hooks.append(hook_class(**settings))
     if hooks:
         add_hook_to_module(new, hooks[0] if len(hooks) == 1 else SequentialHook(*hooks))

@@ -16,6 +16,7 @@ from torch import nn
 from . import kernels
 from .config import SITES, SparsifyConfig
 from .families import Family, get_family
+from .kernels.build import NATIVE_DTYPES
 from .kernels.reference import to_input_major
 from .offload import adopt_hooks
 from .plan import SparsityPlan
@@ -34,8 +35,8 @@ class TopKLinear(nn.Linear):
     graph takes one path without a graph break (`rotsparse.compiled`).
     """
 
-    input_major = True
-    """The weight is laid out input-channel-major (`rotsparse.offload` keeps it so when it reloads it)."""
+    input_major_parameters = ("weight",)
+    """Parameters laid out input-channel-major (`rotsparse.offload` keeps them so when it reloads them)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, keep_k: int, site: str,
                  device=None, dtype=None):
@@ -221,24 +222,51 @@ class TopKSite(nn.Module):
 
 
 class TopKExperts(nn.Module):
-    """Stands in for a mixture-of-experts block's batched experts (same parameters, same names: gate_up_proj
-    (E, 2I, d), down_proj (E, d, I), the activation; called as ``experts(hidden (tokens, d), top_k_index, top_k_weights)``
-    by the block, whose router has already read the dense input). Every expert reads the Top-K of the shared
-    input (`input_topk`, site h3) and its down_proj the Top-K of its own gated activation (`hidden_topk`, h4)."""
+    """Stands in for a mixture-of-experts block's batched experts (same parameters, same names and shapes:
+    gate_up_proj (E, 2I, d), down_proj (E, d, I), the activation; called as ``experts(hidden (tokens, d),
+    top_k_index, top_k_weights)`` by the block, whose router has already read the dense input). Every expert reads
+    the Top-K of the shared input (`input_topk`, site h3) and its down_proj the Top-K of its own gated activation
+    (`hidden_topk`, h4).
+
+    The expert weights are stored input-channel-major like `TopKLinear`'s: each is a transpose view of a contiguous
+    (E, d, 2I) / (E, I, d) tensor. A single-token inference step (CPU, kernel dtype, `use_kernel`) selects the
+    shared input's Top-K once and runs every routed expert through the sparse kernels (`kernels.index_gemv` on
+    the kept rows of gate_up, `kernels.topk_gemv` for down); everything else (prefill, batches, training, block
+    or L2 modes) runs the dense-masked path, which computes the same function.
+    """
+
+    @property
+    def input_major_parameters(self) -> tuple[str, ...]:
+        """Parameters laid out input-channel-major, here all its own: the two expert weights (`rotsparse.offload`
+        keeps them so when it reloads them)."""
+        return tuple(self._parameters)
 
     def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, activation: nn.Module,
                  activation_name: str, keep_k_input: int, keep_k_hidden: int):
         super().__init__()
-        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.gate_up_proj = nn.Parameter(to_input_major(gate_up_proj), requires_grad=gate_up_proj.requires_grad)
+        self.down_proj = nn.Parameter(to_input_major(down_proj), requires_grad=down_proj.requires_grad)
         self.activation_name = activation_name  # the experts' own attribute name (`ExpertsLayer.set_mlp_activation`)
         setattr(self, activation_name, activation)
         count, double_intermediate, hidden = self.gate_up_proj.shape
         self.num_experts = count
+        self.use_kernel = True
         self.input_topk = TopKSite(hidden, keep_k_input, "h3")
         self.hidden_topk = TopKSite(double_intermediate // 2, keep_k_hidden, "h4")
 
+    def _is_decode_step(self, x: torch.Tensor) -> bool:
+        sites = (self.input_topk, self.hidden_topk)
+        return (self.use_kernel and not torch.is_grad_enabled() and not self.training
+                and x.numel() == self.input_topk.in_features and x.device.type == "cpu"
+                and x.dtype in NATIVE_DTYPES and x.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
+                and not any(site.block_size or site.l2_rescale for site in sites)
+                and self.gate_up_proj.transpose(-2, -1).is_contiguous()
+                and self.down_proj.transpose(-2, -1).is_contiguous())
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._is_decode_step(hidden_states):
+            return self._decode(hidden_states, top_k_index, top_k_weights)
         sparse = self.input_topk(hidden_states)
         output = torch.zeros_like(hidden_states)
         for expert in torch.unique(top_k_index).tolist():
@@ -250,6 +278,22 @@ class TopKExperts(nn.Module):
             activation = getattr(self, self.activation_name)
             expert_out = F.linear(self.hidden_topk(activation(gate) * up), self.down_proj[expert])
             output.index_add_(0, tokens, (expert_out * top_k_weights[tokens, slots, None]).to(output.dtype))
+        return output
+
+    def _decode(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One token x (1, d): the shared input's Top-K indices once, then per routed expert (ascending, as the
+        masked path adds them) gate_up on the kept rows, the activation, down on its hidden Top-K."""
+        indices = kernels.topk_indices(x, self.input_topk.keep_k)
+        gate_up_t, down_t = self.gate_up_proj.transpose(-2, -1), self.down_proj.transpose(-2, -1)
+        activation = getattr(self, self.activation_name)
+        weights = top_k_weights.reshape(-1)
+        output = torch.zeros_like(x)
+        for slot, expert in sorted(enumerate(top_k_index.reshape(-1).tolist()), key=lambda item: item[1]):
+            if not 0 <= expert < self.num_experts:  # padding index of expert-parallel routing
+                continue
+            gate, up = kernels.index_gemv(x, indices, gate_up_t[expert], None).chunk(2, dim=-1)
+            expert_out = kernels.topk_gemv(activation(gate) * up, down_t[expert], None, self.hidden_topk.keep_k)
+            output += (expert_out * weights[slot:slot + 1]).to(output.dtype)  # (1,): promotes like the masked path
         return output
 
 
@@ -361,7 +405,8 @@ def install_topk(family: Family, plan: SparsityPlan) -> None:
         experts = getattr(layer, "experts", None)  # mixture of experts (`ExpertsLayer`): h3/h4 at its inputs
         if experts is not None and not isinstance(experts, TopKExperts):
             parent, name = layer.experts_slot()
-            setattr(parent, name, TopKExperts(*layer.expert_parts(), plan.keep_k[index][2], plan.keep_k[index][3]))
+            topk_experts = TopKExperts(*layer.expert_parts(), plan.keep_k[index][2], plan.keep_k[index][3])
+            setattr(parent, name, adopt_hooks(experts, topk_experts.train(experts.training)))
     apply_topk_options(family.model, plan.config)
     install_head_kernel(family)
 
@@ -369,7 +414,7 @@ def install_topk(family: Family, plan: SparsityPlan) -> None:
 def set_kernels(model: nn.Module, enabled: bool) -> None:
     """Switch the sparse decode kernels on or off (off: the dense-masked path, same function)."""
     for module in model.modules():
-        if isinstance(module, TopKLinear):
+        if isinstance(module, (TopKLinear, TopKExperts)):
             module.use_kernel = enabled
 
 

@@ -3,6 +3,7 @@ each family maps its sites to, and the refusal of models the family mapping cann
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import rotsparse
 from rotsparse.bench import weight_bytes
@@ -11,7 +12,7 @@ from rotsparse.families import FusedLayer, RowSlice, get_family
 from rotsparse.fold import fold_choices, fold_rotations, fold_scales, fold_value_rotation
 from rotsparse.measure import calibrate_model
 from rotsparse.io import load, save
-from rotsparse.runtime import TopKExperts, TopKLinear, TopKSite
+from rotsparse.runtime import TopKExperts, TopKLinear, TopKSite, set_kernels
 from rotsparse.topk import keep_topk
 
 from tiny_models import (FAMILIES, MOE_FAMILIES, generated_and_stepwise, logits, random_tokens, relative_error,
@@ -156,19 +157,65 @@ def test_moe_every_site_and_every_expert_input_keeps_exactly_k(family):
         assert ("TopKLinear", "h3") in seen and ("TopKLinear", "h4") in seen
 
 
+def assert_experts_input_major(model) -> list[TopKExperts]:
+    """Every `TopKExperts` holds its weights with the HF shapes as transpose views of contiguous (E, d, 2I) /
+    (E, I, d) tensors; returns them."""
+    experts = [m for m in model.modules() if isinstance(m, TopKExperts)]
+    assert experts
+    for module in experts:
+        count, double_intermediate, hidden = module.gate_up_proj.shape
+        assert module.down_proj.shape == (count, hidden, double_intermediate // 2)
+        assert module.gate_up_proj.transpose(-2, -1).is_contiguous()
+        assert module.down_proj.transpose(-2, -1).is_contiguous()
+    return experts
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_save_load_round_trip_and_generation(tmp_path, family):
     model = moe_sparsified(family)
+    dense_shapes = {k: v.shape for k, v in tiny_model(family).state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == dense_shapes  # HF keys and shapes
     tokens = random_tokens(num_sequences=2, length=16)
     expected = logits(model, tokens)
     save(model, tmp_path)
-    restored = load(tmp_path)
-    assert torch.allclose(logits(restored, tokens), expected, atol=1e-5, rtol=1e-5)
-    assert restored.state_dict().keys() == model.state_dict().keys()
-    assert restored.rotsparse_plan == model.rotsparse_plan
+    for restored in (load(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert torch.allclose(logits(restored, tokens), expected, atol=1e-5, rtol=1e-5)
+        assert restored.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(value, restored.state_dict()[key]) for key, value in model.state_dict().items())
+        assert restored.rotsparse_plan == model.rotsparse_plan
+        assert_experts_input_major(restored)
     generated, stepwise = generated_and_stepwise(model)
     assert torch.equal(generated, stepwise)
     assert torch.equal(generated_and_stepwise(restored)[0], generated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_decode_step_equals_the_masked_path_and_reads_k_inputs(family, dtype):
+    """A single-token step runs the expert kernels (input Top-K once, per routed expert index_gemv and the
+    hidden Top-K GEMV): the same output as the dense-masked path, which depends on exactly K inputs."""
+    torch.manual_seed(0)
+    model = moe_sparsified(family).to(dtype)
+    for experts in assert_experts_input_major(model):
+        width = experts.input_topk.in_features
+        x = torch.randn(1, width, dtype=dtype)
+        routed = torch.randperm(experts.num_experts)[:2].view(1, 2)
+        weights = torch.softmax(torch.randn(1, 2), dim=-1).to(dtype)
+        with torch.no_grad():
+            assert experts._is_decode_step(x)
+            decoded = experts(x, routed, weights)
+            set_kernels(model, False)
+            assert not experts._is_decode_step(x)
+            masked = experts(x, routed, weights)
+            outside = keep_topk(x, experts.input_topk.keep_k) == 0  # the inputs outside the Top-K
+            assert int((~outside).sum()) == experts.input_topk.keep_k
+            changed = experts(torch.where(outside, 1e-3 * torch.randn_like(x), x), routed, weights)
+            set_kernels(model, True)
+            changed_decoded = experts(torch.where(outside, 1e-3 * torch.randn_like(x), x), routed, weights)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(decoded, masked, atol=tolerance * float(masked.abs().max()), rtol=tolerance)
+        torch.testing.assert_close(changed, masked, atol=0, rtol=0)  # smaller entries outside keep the same Top-K
+        torch.testing.assert_close(changed_decoded, decoded, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["auto", "larosa"])

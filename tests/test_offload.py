@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import rotsparse
 from rotsparse.offload import InputMajorOffloadHook, execution_device, is_offloaded, materialized
-from rotsparse.runtime import TopKLinear
+from rotsparse.runtime import TopKExperts, TopKLinear
 
-from tiny_models import random_tokens, tiny_model
+from tiny_models import generated_and_stepwise, random_tokens, tiny_model
 
 CALIBRATION = random_tokens(seed=3)
 PROBE = random_tokens(num_sequences=2, length=12, seed=5)
@@ -83,6 +83,19 @@ def test_offloaded_result_equals_sparsifying_in_memory(tmp_path, family, method)
                                calibration=CALIBRATION, progress=False, check_sequences=0)
     assert model.rotsparse_plan == in_memory.rotsparse_plan
     assert torch.allclose(logits(model), logits(in_memory), atol=1e-6, rtol=1e-5)
+
+
+def test_offloaded_mixture_of_experts_equals_sparsifying_in_memory(tmp_path):
+    """The experts module is replaced with its hooks kept (its weights read from the store, laid out input-major
+    for the decode kernels)."""
+    original = tiny_model("qwen3_moe", num_layers=4)
+    in_memory = rotsparse.sparsify(copy.deepcopy(original), sparsity=0.5, method="topk", progress=False)
+    model = rotsparse.sparsify(dispatched(original, tmp_path), sparsity=0.5, method="topk", progress=False)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, TopKExperts) and experts.gate_up_proj.device.type == "meta"
+    assert isinstance(experts._hf_hook, InputMajorOffloadHook)
+    assert torch.allclose(logits(model), logits(in_memory), atol=1e-6, rtol=1e-5)
+    assert torch.equal(generated_and_stepwise(model)[0], generated_and_stepwise(in_memory)[0])
 
 
 def test_auto_device_map_with_a_memory_limit(tmp_path):

@@ -76,8 +76,9 @@ def topk_gemv_torch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k:
 
 
 def to_input_major(weight: Tensor) -> Tensor:
-    """(out, in) weight as the transpose view of a contiguous (in, out) tensor (the kernels' layout)."""
-    return weight.detach().t().contiguous().t()
+    """(..., out, in) weight(s) as the transpose view of a contiguous (..., in, out) tensor (the kernels' layout;
+    batched expert weights keep their leading expert dimension)."""
+    return weight.detach().transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
 # Weight-only quantized formats (the C++ kernels' layouts, rotsparse/kernels/topk_gemv.cpp) ----------------------
