@@ -402,9 +402,14 @@ def main(argv=None):
                    f"{str(SMOLLM2_INT_DTYPE).removeprefix('torch.')} activations; the tied lm_head stays "
                    f"{str(SMOLLM2_INT_DTYPE).removeprefix('torch.')} (rotsparse's dense kernel)."), ""] + smollm2_table(rows)
     if "llama2" in results:
+        rows = results["llama2"]
+        q8 = next(row for row in rows if row["weights"] == "Q8_0")
+        q4 = next(row for row in rows if row["weights"] == "Q4_0")
         lines += ["", f"## Llama-2-7B shapes, per decoder layer ({args.layers[0]} and {args.layers[1]} layers)", "",
                   ("Random weights; llama.cpp: an F16 GGUF written by this script, requantized to Q8_0 / Q4_0 "
-                   "with `llama_model_quantize`; rotsparse: `synthetic:llama2-7b`, int8 / int4 (group "
+                   f"with `llama_model_quantize` (layer matrices {q8['layer_matrix_types']} / "
+                   f"{q4['layer_matrix_types']}; output {q8['output_type']} / {q4['output_type']}); rotsparse: "
+                   "`synthetic:llama2-7b`, int8 / int4 (group "
                    f"{GROUP_SIZE}) with bfloat16 activations, eager. ms per layer = difference of the two depths / "
                    f"{args.layers[1] - args.layers[0]}."), ""] + llama2_table(results["llama2"], args.layers)
     args.out_md.write_text("\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,8 @@ def time_decode(model: llama_cpp.Llama, tokens: int, prompt: int = 16) -> float:
 
 def serve() -> None:
     """Answer the JSON requests of the module docstring, one per line, until stdin closes."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # the protocol's own copy of stdout; anything else
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())       # written to stdout (llama.cpp's C logs) goes to stderr
     models: dict[str, llama_cpp.Llama] = {}
     for line in sys.stdin:
         request = json.loads(line)
@@ -76,7 +79,7 @@ def serve() -> None:
                 answer = {"error": f"unknown op {op!r}"}
         except (KeyError, OSError, RuntimeError, ValueError) as error:  # answered, so the client raises it with the request that caused it
             answer = {"error": f"{type(error).__name__}: {error}"}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 def main():
