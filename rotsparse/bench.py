@@ -106,7 +106,7 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
     return {"layers": layers, "model": layers + head}
 
 
-class _Runner:
+class DecodeRunner:
     """One timed configuration: a model (or its decoder stack, `layers_only`) with its own KV cache.
 
     Eager: a `DynamicCache`, as Hugging Face decodes by default. Compiled (`compile_options`): a `StaticCache`
@@ -200,7 +200,7 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
     compile_options = None if compile_mode is None else dict(mode=compile_mode, backend=compile_backend)
     max_cache_len = prompt_length + max(tokens, warmup_tokens)
     configs = [(name, layers_only) for name in models for layers_only in (False, True)]
-    runners = {config: _Runner(models[config[0]], config[1], compile_options, max_cache_len) for config in configs}
+    runners = {config: DecodeRunner(models[config[0]], config[1], compile_options, max_cache_len) for config in configs}
     next_token = prompt[:, -1:]
     for runner in runners.values():  # warm-up (and, compiled, the compilation of every decode step)
         state = runner.start(prompt)
