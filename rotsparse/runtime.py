@@ -17,7 +17,7 @@ from . import kernels
 from .config import SITES, SparsifyConfig
 from .families import Family, get_family
 from .kernels.build import NATIVE_DTYPES
-from .kernels.reference import to_input_major
+from .kernels.reference import group_int8_activations, to_input_major
 from .offload import adopt_hooks
 from .plan import SparsityPlan
 from .quantize import dequantize, quantize, quantized_shapes, scale_values
@@ -118,7 +118,9 @@ class QuantizedTopKLinear(TopKLinear):
     ``weight`` parameter (`dequantized_weight` gives the float weight it stands for).
 
     Single-token inference runs the int8 / int4 Top-K kernel; everything else (prefill, batches, block or L2
-    modes) the dense-masked path on the dequantized weight, the same function.
+    modes) the dense-masked path on the dequantized weight, the same function: with int4 weights both round the
+    kept activations to int8 per weight group (`kernels.reference.group_int8_activations`; straight-through in
+    training).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, keep_k: int, site: str, weight_bits: int,
@@ -157,10 +159,12 @@ class QuantizedTopKLinear(TopKLinear):
             gemv = kernels.topk_gemv_int8 if self.weight_bits == 8 else kernels.topk_gemv_int4
             return gemv(x, self.qweight, self.scales, self.bias, self.keep_k)
         weight = self.dequantized_weight(x.dtype)
-        if self.kept_per_token >= self.in_features:
-            return F.linear(x, weight, self.bias)
-        sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
-                                     straight_through=self.training and self.straight_through)
+        sparse = x if self.kept_per_token >= self.in_features else sparsify_activation(
+            x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
+            straight_through=self.training and self.straight_through)
+        if self.weight_bits == 4:
+            rounded = group_int8_activations(sparse, self.group_size).to(sparse.dtype)
+            sparse = sparse + (rounded - sparse).detach()
         return F.linear(sparse, weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -11,8 +11,8 @@ import rotsparse
 from rotsparse.bench import structural_sparse_copy, weight_bytes
 from rotsparse.cli import build_parser, config_from_args
 from rotsparse.kernels import build_extension, topk_gemv_int4, topk_gemv_int8, topk_mask
-from rotsparse.kernels.reference import (int4_positions, pack_int4, topk_gemv_int4_torch, topk_gemv_int8_torch,
-                                         unpack_int4)
+from rotsparse.kernels.reference import (group_int8_activations, int4_positions, pack_int4, topk_gemv_int4_torch,
+                                         topk_gemv_int8_torch, unpack_int4)
 from rotsparse.quantize import dequantize, quantize_int4, quantize_int8
 from rotsparse.runtime import QuantizedTopKLinear, set_kernels
 
@@ -72,7 +72,8 @@ def test_cpp_kernels_equal_the_reference_and_the_masked_dense_product(dtype, n_i
             assert actual.dtype == dtype and actual.shape == (n_out,)
             torch.testing.assert_close(actual.float(), reference(x, qweight, scales, bias, keep_k).float(),
                                        **tolerance)
-            dense = expected_mask @ dequantize(qweight, scales, bits, torch.float32)
+            kept = group_int8_activations(expected_mask, group) if bits == 4 else expected_mask
+            dense = kept @ dequantize(qweight, scales, bits, torch.float32)
             if bias is not None:
                 dense = dense + bias.float()
             torch.testing.assert_close(actual.float(), dense, **tolerance)

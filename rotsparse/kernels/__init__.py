@@ -182,8 +182,10 @@ def topk_gemv_int4(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[T
 
     packed_t: (in, out / 2) uint8, two 4-bit values n in [0, 15] per byte along the output dimension
     (`reference.pack_int4`); scales: (in / group, out) float16; the weight is ``scales[i // group, j] *
-    (n[i, j] - 8)``. Only the kept rows and the scale rows of their groups are read; ``keep_k = in`` is the dense
-    int4 GEMV. Shapes of x and the output as in :func:`topk_gemv_int8`. Custom op
+    (n[i, j] - 8)``. The kept activations are rounded to int8 with one scale per weight group (max |x| / 127, as
+    llama.cpp's Q8_0 activations; `reference.group_int8_activations`) so that a group's rows are integer dot
+    products (VNNI where the CPU has it). Only the kept rows and the scale rows of their groups are read;
+    ``keep_k = in`` is the dense int4 GEMV. Shapes of x and the output as in :func:`topk_gemv_int8`. Custom op
     ``torch.ops.rotsparse.topk_gemv_int4``.
     """
     _check_quantized_args(x, packed_t, scales, bias, torch.uint8, torch.float16, scales.shape[-1])

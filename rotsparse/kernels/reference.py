@@ -126,16 +126,28 @@ def topk_gemv_int8_torch(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Opti
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
+def group_int8_activations(x: Tensor, group_size: int) -> Tensor:
+    """x (..., in) rounded as the int4 kernels use their (sparse) activations: int8 with one scale per group of
+    group_size consecutive channels, d = max |x| / 127 over the group, q = round(x * (127 / max |x|)) (as
+    llama.cpp's Q8_0 activations); returns q * d in float32, shape of x. Zeros (dropped channels) stay zero."""
+    groups = x.float().unflatten(-1, (-1, group_size))
+    amax = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # not 127 / t
+    return ((groups * inverse).round().clamp(-127, 127) * (amax / 127.0)).flatten(-2)
+
+
 def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     """Top-K GEMV of one token x (in,) through a packed int4 weight packed_t (in, out / 2) with group scales
-    (in / group, out) float16: ``x[kept] @ (scales[kept // group] * (nibbles[kept] - 8)) (+ bias)``."""
+    (in / group, out) float16: ``xq[kept] @ (scales[kept // group] * (nibbles[kept] - 8)) (+ bias)``, xq the kept
+    activations rounded to int8 per group (`group_int8_activations`)."""
     n_in = packed_t.shape[0]
     groups, n_out = scales.shape
     x1 = x.reshape(n_in)
     indices = topk_indices_torch(x1, keep_k)
     rows = unpack_int4(packed_t.index_select(0, indices), n_out).float() - 8
     rows = rows * scales.index_select(0, indices // (n_in // groups)).float()
-    acc = x1.index_select(0, indices).float() @ rows
+    kept = torch.zeros(n_in, dtype=torch.float32, device=x.device).index_copy(0, indices, x1.index_select(0, indices).float())
+    acc = group_int8_activations(kept, n_in // groups).index_select(0, indices) @ rows
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)

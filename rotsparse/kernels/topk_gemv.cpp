@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -47,6 +48,15 @@
 #define RS_AVX512 1
 #else
 #define RS_AVX512 0
+#endif
+
+// int4 rows through VNNI integer dot products (vpdpbusd) on int8 activations.
+#ifndef RS_INT4_VNNI
+#if RS_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define RS_INT4_VNNI 1
+#else
+#define RS_INT4_VNNI 0
+#endif
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -78,6 +88,12 @@ void run_threads(int nthreads, const Body& body) {
 #endif
 #ifndef RS_MAX_TILE_BYTES
 #define RS_MAX_TILE_BYTES (32 * 1024)  // max bytes of one weight sub-row per tile
+#endif
+#ifndef RS_INT4_TILE_COLS
+#define RS_INT4_TILE_COLS 4096  // max output columns of an int4 tile
+#endif
+#ifndef RS_INT4_QUADS
+#define RS_INT4_QUADS 2  // VNNI int4: quads of 4 rows per pass over the int32 accumulators
 #endif
 #ifndef RS_PF_MODE
 #define RS_PF_MODE 0  // 0: none (HW prefetchers), 1: next row group, 2: current rows ahead
@@ -459,8 +475,11 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
 //         runs of 16 columns without shuffles.
 // A kept input channel reads one contiguous row of out (int8) or out/2 (int4)
 // bytes; int4 reads the scale row of every group holding a kept channel once.
-// Per group, the kernel accumulates p[j] = sum x[i] * n[i, j] over the group's
-// kept rows, then acc[j] += scales[g, j] * (p[j] - 8 * sum x[i]).
+// int4 activations: the kept x of each group are quantized to int8 with one
+// scale per group, d = max |x| / 127, q = round(x / d) (llama.cpp's Q8_0 does
+// the same to its activations), so a group's rows reduce to integer dot
+// products: p[j] = sum q[i] * n[i, j] over the group's kept rows (int32, VNNI
+// vpdpbusd where the CPU has it), then acc[j] += scales[g, j] * d * (p[j] - 8 * sum q[i]).
 // ---------------------------------------------------------------------------
 constexpr int64_t kInt4Block = 32;
 
@@ -570,21 +589,101 @@ void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* R
   }
 }
 
-// acc[0..len) += sum over the kept rows idx[0..K) (ascending) of their dequantized int4 rows.
+#if RS_INT4_VNNI
+// ip[0..nfull) += sum_r q[r] * n[idx[r], j0 + j] (int32) for rows idx[s0..s1) of one
+// group, nfull a multiple of 32.  Rows stream in passes of RS_INT4_QUADS x 4 rows over
+// the accumulators (whole rows: scattered rows read column-block by column-block thrash
+// the prefetchers).  Per 32-column block, four rows' 16-byte slices are interleaved with
+// one byte permute so that every int32 lane holds one column's four nibbles, and one
+// vpdpbusd (unsigned nibbles times the four rows' signed int8 activations) adds 16
+// columns' four products.
+void accumulate_int4_rows_vnni(int32_t* RS_RESTRICT ip, int64_t nfull, const uint8_t* RS_RESTRICT P,
+                               int64_t ldp, int64_t j0, const int64_t* RS_RESTRICT idx,
+                               const int8_t* RS_RESTRICT q, int64_t s0, int64_t s1, int64_t K) {
+  // Byte 4c + k of the permuted vector = byte c of row k's 16-byte slice.
+  alignas(64) static constexpr uint8_t kInterleave[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
+      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
+      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i perm = _mm512_load_si512(kInterleave);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  constexpr int Q = RS_INT4_QUADS;
+  for (int64_t s = s0; s < s1; s += 4 * Q) {
+    const uint8_t* p[4 * Q];
+    const uint8_t* next[4 * Q];
+    __m512i a[Q];
+    for (int u = 0; u < Q; ++u) {
+      uint32_t packed = 0;
+      for (int r = 4 * u; r < 4 * u + 4; ++r) {
+        const bool real = s + r < s1;  // missing rows repeat row s with activation 0
+        p[r] = P + idx[real ? s + r : s] * ldp + j0 / 2;
+        next[r] = s + 4 * Q + r < K ? P + idx[s + 4 * Q + r] * ldp + j0 / 2 : p[r];
+        packed |= uint32_t(uint8_t(real ? q[s + r] : 0)) << (8 * (r - 4 * u));
+      }
+      a[u] = _mm512_set1_epi32(static_cast<int32_t>(packed));
+    }
+    const int quads = static_cast<int>(std::min<int64_t>(Q, (s1 - s + 3) / 4));
+    for (int64_t j = 0; j < nfull; j += kInt4Block) {
+      if ((j & (4 * kInt4Block - 1)) == 0)  // the next pass's rows, as these stream
+        for (int r = 0; r < 4 * quads; ++r) RS_PREFETCH(next[r] + j / 2);
+      __m512i i0 = _mm512_loadu_si512(ip + j), i1 = _mm512_loadu_si512(ip + j + 16);
+      for (int u = 0; u < quads; ++u) {
+        const uint8_t* const* pu = p + 4 * u;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[0] + j / 2)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[1] + j / 2)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[2] + j / 2)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[3] + j / 2)), 3);
+        i0 = _mm512_dpbusd_epi32(i0, _mm512_permutexvar_epi8(perm, _mm512_and_si512(v, low4)), a[u]);
+        i1 = _mm512_dpbusd_epi32(
+            i1, _mm512_permutexvar_epi8(perm, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)), a[u]);
+      }
+      _mm512_storeu_si512(ip + j, i0);
+      _mm512_storeu_si512(ip + j + 16, i1);
+    }
+  }
+}
+#endif
+
+// acc[0..len) += sum over the kept rows idx[0..K) (ascending) of their dequantized int4 rows
+// times the rows' int8 activations q (xq = q * d: the same values as float, d the group's scale).
 void accumulate_int4(float* RS_RESTRICT acc, int64_t len, const uint8_t* P, const c10::Half* S,
-                     int64_t out, int64_t group, int64_t j0, const int64_t* idx, const float* xs,
-                     int64_t K, float* RS_RESTRICT part) {
-  int64_t s = 0;
-  while (s < K) {
+                     int64_t out, int64_t group, int64_t j0, const int64_t* idx, const int8_t* q,
+                     const float* d, const float* xq, int64_t K, float* RS_RESTRICT part) {
+#if RS_INT4_VNNI
+  // Whole 32-column blocks in int32 through VNNI; the row's last, shorter block (out % 32
+  // columns) in float.
+  const int64_t full = std::min(len, (out / kInt4Block) * kInt4Block - j0);
+  const int64_t first = std::max<int64_t>(0, full) / kInt4Block * kInt4Block;
+  int32_t* ip = reinterpret_cast<int32_t*>(part);
+#else
+  const int64_t first = 0;
+#endif
+  for (int64_t s = 0, e; s < K; s = e) {
     const int64_t g = idx[s] / group;
-    int64_t e = s + 1;
-    while (e < K && idx[e] / group == g) ++e;
-    float xsum = 0.f;
-    for (int64_t r = s; r < e; ++r) xsum += xs[r];
-    std::memset(part, 0, sizeof(float) * len);
-    accumulate_int4_rows(part, len, P, out, j0, idx, xs, s, e, K);
+    for (e = s + 1; e < K && idx[e] / group == g; ++e) {}
     const c10::Half* sg = S + g * out + j0;
+    float xsum = 0.f;
+    for (int64_t r = s; r < e; ++r) xsum += xq[r];
+    std::memset(part, 0, sizeof(float) * len);
     int64_t j = 0;
+#if RS_INT4_VNNI
+    int32_t qsum = 0;
+    for (int64_t r = s; r < e; ++r) qsum += q[r];
+    accumulate_int4_rows_vnni(ip, first, P, out / 2, j0, idx, q, s, e, K);
+    for (int64_t r = s; r < e && first < len; ++r) {
+      const uint8_t* row = P + idx[r] * (out / 2);
+      for (int64_t c = first; c < len; ++c) part[c] += xq[r] * float(int4_at(row, out, j0 + c));
+    }
+    const __m512i qoff = _mm512_set1_epi32(8 * qsum);
+    const __m512 dg = _mm512_set1_ps(d[s]);
+    for (; j < first; j += 16) {
+      const __m512 sc = _mm512_mul_ps(
+          dg, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + j))));
+      const __m512 pj = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(ip + j), qoff));
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(sc, pj, _mm512_loadu_ps(acc + j)));
+    }
+#else
+    accumulate_int4_rows(part, len, P, out, j0, idx, xq, s, e, K);
 #if RS_AVX512
     const __m512 off = _mm512_set1_ps(8.f * xsum);
     for (; j + 16 <= len; j += 16) {
@@ -594,9 +693,35 @@ void accumulate_int4(float* RS_RESTRICT acc, int64_t len, const uint8_t* P, cons
                                                 _mm512_loadu_ps(acc + j)));
     }
 #endif
+#endif
     for (; j < len; ++j) acc[j] += static_cast<float>(sg[j]) * (part[j] - 8.f * xsum);
-    s = e;
   }
+}
+
+// Per kept row of an int4 GEMV: its activation quantized to int8 with its group's
+// scale (see the format note above).  idx ascending, so a group's rows are adjacent.
+struct GroupInt8 {
+  std::vector<int8_t> q;
+  std::vector<float> d, xq;  // d: the row's group scale; xq = q * d
+};
+
+GroupInt8 quantize_group_activations(const int64_t* idx, const float* xs, int64_t K, int64_t group) {
+  GroupInt8 a;
+  a.q.resize(static_cast<size_t>(K));
+  a.d.resize(static_cast<size_t>(K));
+  a.xq.resize(static_cast<size_t>(K));
+  for (int64_t s = 0, e; s < K; s = e) {
+    float amax = 0.f;
+    for (e = s; e < K && idx[e] / group == idx[s] / group; ++e) amax = std::max(amax, std::fabs(xs[e]));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t r = s; r < e; ++r) {
+      const float v = std::nearbyint(xs[r] * inv);
+      a.q[r] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+      a.d[r] = d;
+      a.xq[r] = float(a.q[r]) * d;
+    }
+  }
+  return a;
 }
 
 // Quantized sparse GEMVs over given (sorted) rows; y (out,) of type Y.
@@ -617,11 +742,14 @@ void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t g
   // Tiles of whole 128-column blocks (64 bytes of a packed row), sub-rows of up
   // to RS_MAX_TILE_BYTES like the other formats: shorter runs of scattered rows
   // (1 KB) defeat the hardware prefetchers.
+  const GroupInt8 act = quantize_group_activations(idx, xs, K, group);
   gemv_driver(
-      out, K, 4 * kInt4Block, 2 * RS_MAX_TILE_BYTES, idx, xs,
+      out, K, 4 * kInt4Block, RS_INT4_TILE_COLS, idx, xs,
       [&](float* acc, int64_t j0, int64_t len, const int64_t* rows, const float* vals, int64_t n) {
         std::vector<float> part(static_cast<size_t>(len) + 16);
-        accumulate_int4(acc, len, P, S, out, group, j0, rows, vals, n, part.data());
+        const int64_t r0 = rows - idx;  // this thread's first row (split-K) or 0
+        accumulate_int4(acc, len, P, S, out, group, j0, rows, act.q.data() + r0, act.d.data() + r0,
+                        act.xq.data() + r0, n, part.data());
       },
       [&](int64_t j, float v) { io<Y>::store(y + j, bias ? v + bias[j] : v); });
 }
