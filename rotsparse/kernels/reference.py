@@ -146,8 +146,7 @@ def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Opti
     indices = topk_indices_torch(x1, keep_k)
     rows = unpack_int4(packed_t.index_select(0, indices), n_out).float() - 8
     rows = rows * scales.index_select(0, indices // (n_in // groups)).float()
-    kept = torch.zeros(n_in, dtype=torch.float32, device=x.device).index_copy(0, indices, x1.index_select(0, indices).float())
-    acc = group_int8_activations(kept, n_in // groups).index_select(0, indices) @ rows
+    acc = group_int8_activations(topk_mask(x1, keep_k), n_in // groups).index_select(0, indices) @ rows
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)

@@ -739,9 +739,9 @@ void gemv_rows_int8(const int8_t* Q, const float* scale, int64_t out, const int6
 template <typename Y>
 void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t group,
                     const int64_t* idx, const float* xs, int64_t K, const float* bias, Y* y) {
-  // Tiles of whole 128-column blocks (64 bytes of a packed row), sub-rows of up
-  // to RS_MAX_TILE_BYTES like the other formats: shorter runs of scattered rows
-  // (1 KB) defeat the hardware prefetchers.
+  // Tiles of whole 128-column blocks (64 bytes of a packed row), at most
+  // RS_INT4_TILE_COLS columns, so that a tile's int32 / float partial sums stay
+  // in L1 while the kept rows stream over them.
   const GroupInt8 act = quantize_group_activations(idx, xs, K, group);
   gemv_driver(
       out, K, 4 * kInt4Block, RS_INT4_TILE_COLS, idx, xs,
