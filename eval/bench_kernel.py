@@ -85,6 +85,32 @@ def loadavg() -> str:
         return "n/a"
 
 
+def quantized_header(command: str, pool: int, reps: int, stat: str, extra: str = "") -> list[str]:
+    """The header lines of the quantized / residual kernel tables: command, machine, repetitions."""
+    return [f"Command: `{command}`", "",
+            f"- CPU: {cpu_name()}, last-level cache {llc_bytes() >> 20} MiB, bf16 pool >= {pool >> 20} MiB; "
+            f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
+            f"AVX-512 path: {bool(torch.ops.rotsparse_cpp.has_avx512())}{extra}",
+            f"- {reps} passes over the pool per method, interleaved; {stat} times; load average at start "
+            f"{loadavg()}", ""]
+
+
+def time_interleaved(calls: dict, n_buf: int, reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """{name: [seconds per call]}: every call(i) for i over the pool, methods round-robin, `reps` passes."""
+    times = {name: [] for name in calls}
+    with torch.inference_mode():
+        for fn in calls.values():
+            for i in range(warmup):
+                fn(i % n_buf)
+        for _ in range(reps):
+            for name, fn in calls.items():
+                for i in range(n_buf):
+                    start = time.perf_counter()
+                    fn(i)
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
 def bench_shape(n_in, n_out, dtype, sparsities, reps, pool_bytes, warmup=3):
     """Return {method: [seconds per call]}, {method: bytes read}, pool size, for one shape/dtype."""
     es = torch.empty((), dtype=dtype).element_size()

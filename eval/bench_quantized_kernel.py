@@ -28,7 +28,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,7 +35,7 @@ from rotsparse.kernels import build_extension, topk_gemv, topk_gemv_int4, topk_g
 from rotsparse.quantize import quantize_int4, quantize_int8
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import LLAMA2_7B_SHAPES, cpu_name, llc_bytes, loadavg  # noqa: E402
+from bench_kernel import LLAMA2_7B_SHAPES, llc_bytes, quantized_header, time_interleaved  # noqa: E402
 
 
 def bench_shape(n_in: int, n_out: int, sparsities, group_size: int, reps: int, pool_bytes: int, warmup: int = 3):
@@ -56,17 +55,7 @@ def bench_shape(n_in: int, n_out: int, sparsities, group_size: int, reps: int, p
     for label, k in zip(["dense"] + [f"sparse s={s}" for s in sparsities], ks):
         methods[f"int8 {label}"] = (lambda i, k=k: topk_gemv_int8(x, *int8[i], None, k), k * n_out + 4 * n_out)
         methods[f"int4 {label}"] = (lambda i, k=k: topk_gemv_int4(x, *int4[i], None, k), k * n_out // 2 + scale4)
-    times = {name: [] for name in methods}
-    with torch.inference_mode():
-        for fn, _ in methods.values():
-            for i in range(warmup):
-                fn(i % n_buf)
-        for _ in range(reps):
-            for name, (fn, _) in methods.items():
-                for i in range(n_buf):
-                    start = time.perf_counter()
-                    fn(i)
-                    times[name].append(time.perf_counter() - start)
+    times = time_interleaved({name: fn for name, (fn, _) in methods.items()}, n_buf, reps, warmup)
     return times, {name: nbytes for name, (_, nbytes) in methods.items()}
 
 
@@ -85,12 +74,7 @@ def main(argv=None):
     build_extension()
     command = shlex.join(["python", "eval/bench_quantized_kernel.py", *(argv if argv is not None else sys.argv[1:])])
     pool = int(args.pool_factor * llc_bytes())
-    lines = [f"Command: `{command}`", "",
-             f"- CPU: {cpu_name()}, last-level cache {llc_bytes() >> 20} MiB, bf16 pool >= {pool >> 20} MiB; "
-             f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-             f"AVX-512 path: {bool(torch.ops.rotsparse_cpp.has_avx512())}; int4 group size {args.group_size}",
-             f"- {args.reps} passes over the pool per method, interleaved; {args.stat} times; load average at start "
-             f"{loadavg()}", "",
+    lines = quantized_header(command, pool, args.reps, args.stat, f"; int4 group size {args.group_size}") + [
              f"| shape (in x out) | kernel | K | {args.stat} us | GB/s | GB/s vs its dense | speed-up vs its dense "
              "| speed-up vs bf16 dense |",
              "|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,8 @@ once and reused from --out.
 Methods: ``topk``, ``larosa``, and every ``auto`` ablation of eval/quality.py's `VARIANTS` (they reuse the one
 ``auto`` calibration via `Calibration.restricted`), plus `EXTRA_VARIANTS` below. ``NAME@check=DOMAIN``: variant
 NAME whose structure check scores the candidates on DOMAIN's calibration part instead of held-out sequences of
-the calibration domain.
+the calibration domain. ``NAME+res1`` / ``NAME+res2`` (also ``topk+res2``): the same with
+``SparsifyConfig.residual_bits`` 1 / 2 (the dropped inputs through a low-bit weight copy, at the same bytes read).
 
 One JSON record per (method, sparsity, evaluation domain) is appended to --out (raw perplexities and gaps, the
 Top-K gap and the ratio), and --markdown is re-rendered from all records in --out.
@@ -64,6 +65,12 @@ EXTRA_VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
 ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
 
 
+def split_residual(name: str) -> tuple[str, int]:
+    """(method name without a ``+res<B>`` suffix, B or 0)."""
+    base, separator, bits = name.rpartition("+res")
+    return (base, int(bits)) if separator and bits.isdigit() else (name, 0)
+
+
 def full_options(options: AutoOptions | None) -> AutoOptions | None:
     """The calibration a variant restricts: the default candidates plus any the variant needs."""
     if options is None:
@@ -96,7 +103,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = [m for m in args.methods if m.split("@")[0] not in ALL_VARIANTS]
+    unknown = [m for m in args.methods if split_residual(m)[0].split("@")[0] not in {*ALL_VARIANTS, "topk"}]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(ALL_VARIANTS)}")
     command = "PYTHONPATH=. python eval/domains.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -167,8 +174,10 @@ def main(argv=None) -> None:
                        "commit": commit, "command": command, **extra})
             del model
 
-    if "topk" in args.methods:
-        run("topk", None, None, SparsifyConfig(method="topk"), {})
+    for name in args.methods:
+        base_name, residual_bits = split_residual(name)
+        if base_name == "topk":
+            run(name, None, None, SparsifyConfig(method="topk", residual_bits=residual_bits), {})
     for calibration_domain in args.calibration_domains:
         calibration_texts = load_texts(calibration_domain, part="calibration")
         for domain in args.eval_domains:  # never evaluate on calibration text
@@ -178,12 +187,13 @@ def main(argv=None) -> None:
                                 sequence_length=2048)
         calibrations = {}
         for name in args.methods:
-            if name == "topk":
+            variant, residual_bits = split_residual(name)
+            if variant == "topk":
                 continue
-            base_name, _, check_spec = name.partition("@")
+            base_name, _, check_spec = variant.partition("@")
             method, options, coefficients = ALL_VARIANTS[base_name]
             config = SparsifyConfig(method=method, num_sequences=args.calibration_sequences,
-                                    site_coefficients=coefficients)
+                                    site_coefficients=coefficients, residual_bits=residual_bits)
             key = (method, full_options(options))
             if key not in calibrations:
                 label = method if key[1] is None or key[1] == AutoOptions(rotations=FULL_ROTATIONS) else \

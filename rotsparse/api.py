@@ -76,7 +76,7 @@ def sparsify(model: nn.Module, tokenizer=None, sparsity: float | None = None, *,
                                              value_rotated=applied.value_rotated, check_losses=check_losses)
         else:
             site_sizes = site_sizes_for(family)
-            plan = SparsityPlan(keep_k=allocate_keep_k(site_sizes, config.sparsity, config.coefficients),
+            plan = SparsityPlan(keep_k=allocate_keep_k(site_sizes, config.topk_sparsity, config.coefficients),
                                 site_sizes=site_sizes, rotated=False, config=config)
         install_topk(family, plan)
         attach_plan(model, plan)
@@ -143,6 +143,12 @@ def validate(model: nn.Module, tokenizer, calibration, config: SparsifyConfig, c
                              f"(all widths: {widths})")
     if config.weight_bits is not None:
         _check_quantizable(model, family, config)
+    if config.residual_bits:
+        if is_offloaded(model):
+            raise ValueError("residual_bits: an accelerate-offloaded model is not supported; load it on one device")
+        if any(getattr(layer, "experts", None) is not None for layer in family.layer_views()):
+            raise ValueError("residual_bits: mixture-of-experts layers (batched expert weights) have no residual "
+                             "copy; sparsify without residual_bits")
     if calibrated is not None:
         if not isinstance(calibrated, Calibration):
             raise TypeError(f"calibrated must be the result of rotsparse.calibrate, got {type(calibrated).__name__}")

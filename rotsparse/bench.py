@@ -72,7 +72,8 @@ def _inv_freq(config) -> torch.Tensor:
 def weight_bytes(model: nn.Module) -> dict[str, float]:
     """Bytes a batch-1 decode step must read: decoder layers (sparse linears at K/in), and the whole model.
 
-    Counts every linear weight (quantized ones: the kept rows and all their scales) and rotation matrix, and of
+    Counts every linear weight (quantized ones: the kept rows and all their scales; with a residual copy also its
+    dropped rows and their scales) and rotation matrix, and of
     batched mixture-of-experts weights the experts one token is routed to (``num_experts_per_tok`` of them; in a
     `TopKExperts`, at K/in of each site: the bytes a row-gathering kernel would read); embeddings count one row
     per token (negligible).
@@ -92,6 +93,8 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
                 size = module.qweight.nbytes * fraction + module.qscale.nbytes  # holds a kept channel)
             else:
                 size = module.weight.numel() * module.weight.element_size() * fraction
+            if getattr(module, "residual_bits", 0):  # the dropped rows of the residual copy
+                size += (module.residual_codes.nbytes + module.residual_scales.nbytes) * (1.0 - fraction)
         elif active and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):  # batched experts
             fractions = ((module.input_topk.keep_k / module.input_topk.in_features,
                           module.hidden_topk.keep_k / module.hidden_topk.in_features)
@@ -261,7 +264,7 @@ def structural_sparse_copy(dense: nn.Module, config: SparsifyConfig, adapter_eve
     model = copy.deepcopy(dense)
     family = get_family(model)
     site_sizes = site_sizes_for(family)
-    keep_k = allocate_keep_k(site_sizes, config.sparsity, config.coefficients)
+    keep_k = allocate_keep_k(site_sizes, config.topk_sparsity, config.coefficients)
     rotated = config.spec.calibrated
     if rotated and not family.spec.calibrated:
         raise ValueError(f"method {config.method!r} does not support model_type={model.config.model_type!r} (batched "

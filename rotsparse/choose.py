@@ -129,11 +129,11 @@ def _choose_rotations(layers: list[LayerCalibration], keep_k: ReaderKeepK, reade
 
 
 def planned(calibration: Calibration, config: SparsifyConfig, reader_sizes) -> tuple[list[int], ReaderKeepK]:
-    """What `apply` will fold for `config.sparsity`: per layer the candidate rotation index, and K per reader
-    linear per site per layer (explicit `config.site_coefficients` override the error allocation: one K per
-    site)."""
-    choice, keep_k = choose(calibration, reader_sizes, config.sparsity, config.coefficients)
+    """What `apply` will fold for `config.sparsity` (K for `config.topk_sparsity`): per layer the candidate
+    rotation index, and K per reader linear per site per layer (explicit `config.site_coefficients` override the
+    error allocation: one K per site)."""
+    choice, keep_k = choose(calibration, reader_sizes, config.topk_sparsity, config.coefficients)
     if config.site_coefficients is not None and calibration.options.allocation == "error":
         site_sizes = [site_sizes_from_readers(layer) for layer in reader_sizes]
-        keep_k = _expand(allocate_keep_k(site_sizes, config.sparsity, config.coefficients), reader_sizes)
+        keep_k = _expand(allocate_keep_k(site_sizes, config.topk_sparsity, config.coefficients), reader_sizes)
     return choice, keep_k

@@ -290,8 +290,8 @@ def bench_command(args) -> dict:
                               compile_mode=args.compile)
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
-    return {"model": args.model, "layers": len(family.layers), "residual_adapters": rotations,
-            "weight_bits": config.weight_bits, "group_size": config.group_size if config.weight_bits == 4 else None,
+    return {"model": args.model, "method": config.method, "sparsity": config.sparsity, "layers": len(family.layers),
+            "residual_adapters": rotations, "residual_bits": config.residual_bits, "weight_bits": config.weight_bits, "group_size": config.group_size if config.weight_bits == 4 else None,
             **result.to_dict()}
 
 

@@ -13,6 +13,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from .kernels.reference import RESIDUAL_GROUP
+
 SITES = ("h1", "h2", "h3", "h4")
 """Top-K sites of a decoder layer: h1 = q/k/v input, h2 = o_proj input, h3 = gate/up input, h4 = down_proj input."""
 
@@ -25,6 +27,9 @@ text, often above plain Top-K's (docs/quality.md), so ``auto`` offers the identi
 
 WEIGHT_BITS = (8, 4)
 """``weight_bits`` choices besides None (float weights): weight-only int8 and int4 (`rotsparse.quantize`)."""
+
+RESIDUAL_BITS = (0, 1, 2)
+"""``residual_bits`` choices: 0 skips the inputs Top-K drops; 1 or 2 carries them through a low-bit weight copy."""
 
 MLP_ACTIVATIONS = (None, "relu2")
 """``mlp_activation`` choices: None keeps the model's own; ``relu2`` is squared ReLU (Q-Sparse, from scratch)."""
@@ -172,6 +177,10 @@ class SparsifyConfig:
                                            "None keeps float weights", choices=lambda: WEIGHT_BITS, type=int)
     group_size: int = _field(32, "int4: input channels per scale group (must divide every Top-K linear's input "
                                  "width)")
+    residual_bits: int = _field(0, "1 or 2: the inputs Top-K drops go through a 1- or 2-bit copy of the weight (a "
+                                   "float16 scale per 64 outputs), paid for from the same budget (K is lowered so "
+                                   "that the weight bytes read per token stay 1 - sparsity of the dense 16-bit "
+                                   "weight); 0: they are skipped", choices=lambda: RESIDUAL_BITS, type=int)
     options: AutoOptions | None = _field(None, "switches of the calibrated pipeline; None: the method's own",
                                          cli=None)
 
@@ -199,6 +208,17 @@ class SparsifyConfig:
             raise ValueError(f"l2_rescale must be True or False, got {self.l2_rescale!r}")
         if self.weight_bits is not None and (isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS):
             raise ValueError(f"weight_bits must be None or one of {WEIGHT_BITS}, got {self.weight_bits!r}")
+        if isinstance(self.residual_bits, bool) or self.residual_bits not in RESIDUAL_BITS:
+            raise ValueError(f"residual_bits must be one of {RESIDUAL_BITS}, got {self.residual_bits!r}")
+        if self.residual_bits:
+            if self.weight_bits is not None:
+                raise ValueError("residual_bits applies to float weights; it cannot be combined with weight_bits")
+            if self.l2_rescale:
+                raise ValueError("residual_bits carries the dropped inputs; it cannot be combined with l2_rescale")
+            if self.sparsity >= 1.0 - self.residual_cost:
+                raise ValueError(f"sparsity {self.sparsity} cannot be reached with residual_bits={self.residual_bits}: "
+                                 f"the residual copy alone reads {self.residual_cost:.4f} of the dense bytes, so the "
+                                 f"sparsity must be below {1.0 - self.residual_cost:.4f}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; choose one of {MLP_ACTIVATIONS}")
         self._normalize_options()
@@ -225,6 +245,20 @@ class SparsifyConfig:
     def resolved_options(self) -> AutoOptions | None:
         """The calibrated pipeline's switches in effect (None: the method does not calibrate)."""
         return self.options or self.spec.options
+
+    @property
+    def residual_cost(self) -> float:
+        """Bytes of one residual weight (code and its share of a float16 scale) over those of a 16-bit weight."""
+        if not self.residual_bits:
+            return 0.0
+        return (self.residual_bits + 16 / RESIDUAL_GROUP) / 16
+
+    @property
+    def topk_sparsity(self) -> float:
+        """The parameter-weighted fraction of input columns Top-K drops: `sparsity`, or with `residual_bits` the
+        larger fraction s / (1 - residual_cost) at which the kept columns' 16-bit weights plus the dropped columns'
+        residual rows read (1 - sparsity) of the dense bytes."""
+        return self.sparsity / (1.0 - self.residual_cost)
 
     @property
     def coefficients(self) -> tuple[float, float, float, float]:

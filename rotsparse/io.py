@@ -133,6 +133,9 @@ def model_card(model: nn.Module, plan: SparsityPlan, metrics: dict[str, float] |
               f"| effective sparsity | {plan.effective_sparsity:.4f} |",
               f"| calibration tokens | {plan.calibration_tokens} |",
               f"| residual stream rotated | {plan.rotated} |"]
+    if plan.config.residual_bits:
+        lines.append(f"| dropped inputs through a {plan.config.residual_bits}-bit weight copy | yes (recomputed "
+                     f"from the weights when loading) |")
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in (metrics or {}).items()]
     lines += ["", "## Load", "", "```python", "import rotsparse  # registers the rotsparse quantization method",

@@ -118,7 +118,9 @@ class SparsityPlan:
 
     @property
     def effective_sparsity(self) -> float:
-        """Fraction of weight columns skipped per token, weighted by the parameters each reader linear feeds."""
+        """Fraction of the dense weight bytes not read per token: the weight columns Top-K skips, weighted by the
+        parameters each reader linear feeds; with `SparsifyConfig.residual_bits`, less what the skipped columns'
+        residual rows read (`SparsifyConfig.residual_cost` of a 16-bit weight each)."""
         skipped = total = 0
         for index, (layer_k, layer_sizes) in enumerate(zip(self.keep_k, self.site_sizes)):
             for site, (k, (width, params)) in enumerate(zip(layer_k, layer_sizes)):
@@ -127,7 +129,7 @@ class SparsityPlan:
                 skipped += sum((width - reader_k) * (reader_params // width)
                                for reader_k, reader_params in zip(site_k, readers))
                 total += params
-        return skipped / total if total else 0.0
+        return skipped / total * (1.0 - self.config.residual_cost) if total else 0.0
 
     def to_dict(self) -> dict:
         return {

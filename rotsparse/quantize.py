@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import WEIGHT_BITS
-from .kernels.reference import pack_int4, unpack_int4
+from .kernels.reference import pack_int4, residual_weight_torch, unpack_int4
 
 SCALE_DTYPES = {8: torch.float32, 4: torch.float16}
 """Float dtype of the scales of each format."""
@@ -88,3 +88,40 @@ def quantized_shapes(in_features: int, out_features: int, weight_bits: int, grou
     if weight_bits == 8:
         return ((in_features, out_features), torch.int8), ((out_features,), torch.int32)
     return ((in_features, out_features // 2), torch.uint8), ((in_features // group_size, out_features), torch.int16)
+
+
+def quantize_residual(weight_t: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(in, out) float -> (codes (in, ceil(out / group_size) * group_size * bits / 8) uint8, scales
+    (in, ceil(out / group_size)) float16): the low-bit copy that carries the inputs Top-K drops
+    (`SparsifyConfig.residual_bits`).
+
+    Per input channel (one row of `weight_t`, so a dropped channel reads one contiguous row) and group of
+    `group_size` output columns: a value is ``(c - (2**bits - 1) / 2) * scale`` with a code c in [0, 2**bits);
+    the scale is the least-squares one for its codes, refined from ``absmax / ((2**bits - 1) / 2)`` by Lloyd
+    iterations (for 1 bit: codes are the signs and the scale 2 * mean |w|). Output columns past `out` are
+    zero-padded to a whole group. Codes are packed 8 / bits per byte, the first in the low bits.
+    """
+    if bits not in (1, 2):
+        raise ValueError(f"residual bits must be 1 or 2, got {bits!r}")
+    n_in, n_out = weight_t.shape
+    groups = -(-n_out // group_size)
+    pad = groups * group_size - n_out
+    weight = torch.nn.functional.pad(weight_t.detach().double(), (0, pad)).reshape(n_in, groups, group_size)
+    real = torch.nn.functional.pad(torch.ones(n_out, dtype=torch.float64), (0, pad)).reshape(groups, group_size)
+    top, centre = 2 ** bits - 1, (2 ** bits - 1) / 2
+    scale = weight.abs().amax(-1, keepdim=True) / centre
+    for _ in range(8 if bits > 1 else 1):
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = (weight >= 0).double() if bits == 1 else torch.clamp(torch.round(weight / safe + centre), 0, top)
+        levels = (codes - centre) * real
+        scale = (weight * levels).sum(-1, keepdim=True) / (levels * levels).sum(-1, keepdim=True)
+    scales = scale.squeeze(-1).to(torch.float16)
+    codes = codes.to(torch.uint8).reshape(n_in, -1, 8 // bits)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    packed = (codes << shifts).sum(-1, dtype=torch.uint8)
+    return packed.contiguous(), scales
+
+
+def dequantize_residual(codes: Tensor, scales: Tensor, bits: int, out_features: int, dtype: torch.dtype) -> Tensor:
+    """Inverse of `quantize_residual`: the (in, out_features) weight the low-bit copy stands for, in `dtype`."""
+    return residual_weight_torch(codes, scales, bits, out_features, dtype)

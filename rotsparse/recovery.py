@@ -236,6 +236,10 @@ def recover(model: nn.Module, tokenizer=None, texts: Sequence[str] | torch.Tenso
         raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
     if checkpoint_every and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs checkpoint_dir")
+    if any(getattr(module, "residual_bits", 0) for module in model.modules()):
+        raise ValueError("recover: this model carries dropped inputs through a residual weight copy "
+                         "(residual_bits), which training would leave stale; recover a model sparsified without "
+                         "residual_bits")
     sparse = is_sparsified(model)
     if l2_rescale is not None or block_size is not None or mlp_activation is not ...:
         configure(model, l2_rescale=l2_rescale, block_size=block_size, mlp_activation=mlp_activation)

@@ -17,10 +17,11 @@ from . import kernels
 from .config import SITES, SparsifyConfig
 from .families import Family, get_family
 from .kernels.build import NATIVE_DTYPES
-from .kernels.reference import group_int8_activations, to_input_major
+from .kernels.reference import RESIDUAL_GROUP, group_int8_activations, to_input_major
 from .offload import adopt_hooks
 from .plan import SparsityPlan
-from .quantize import dequantize, quantize, quantized_shapes, scale_values
+from .quantize import (dequantize, dequantize_residual, quantize, quantize_residual, quantized_shapes, scale_bits,
+                       scale_values)
 from .topk import block_indices, block_keep, l2_rescale_factor, sparsify_activation
 
 ROTATION_BUFFER = "rotsparse_output_rotation"
@@ -31,6 +32,8 @@ class TopKLinear(nn.Linear):
 
     Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set;
     everything else (prefill, batch > 1, training) runs the dense-masked path, which computes the same function.
+    With a residual copy (`attach_residual`) the dropped inputs add ``residual_weight @ (x - topk(x))``, in the
+    masked path and in the decode kernel (`kernels.topk_residual_gemv`; block mode: the masked path) alike.
     The choice depends on the input's shape and the modes only, never on values, so under `torch.compile` each
     graph takes one path without a graph break (`rotsparse.compiled`).
     """
@@ -51,6 +54,7 @@ class TopKLinear(nn.Linear):
         self.straight_through = True
         self.l2_rescale = False  # Q-Sparse options, set from the plan by `apply_topk_options`
         self.block_size = 0
+        self.residual_bits = 0
         self.weight = nn.Parameter(to_input_major(self.weight), requires_grad=self.weight.requires_grad)
 
     @classmethod
@@ -63,7 +67,22 @@ class TopKLinear(nn.Linear):
 
     def _is_decode_step(self, x: torch.Tensor) -> bool:
         return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
-                and not self.training)
+                and not self.training and not (self.residual_bits and self.block_size))
+
+    def attach_residual(self, bits: int) -> None:
+        """Keep a `bits`-bit copy of the weight for the inputs Top-K drops (`rotsparse.quantize.quantize_residual`,
+        computed from the current weight): non-persistent buffers ``residual_codes`` (in, out * bits / 8 rounded
+        up to whole groups) uint8 and ``residual_scales`` (in, groups), float16 stored as int16 bits, so that
+        casting the model leaves them alone. Checkpoints hold the weight only; loading recomputes the copy."""
+        codes, scales = quantize_residual(self.weight.detach().t(), bits, RESIDUAL_GROUP)
+        self.register_buffer("residual_codes", codes, persistent=False)
+        self.register_buffer("residual_scales", scale_bits(scales), persistent=False)
+        self.residual_bits = int(bits)
+
+    def residual_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) float weight the residual copy stands for."""
+        return dequantize_residual(self.residual_codes, self.residual_scales.view(torch.float16), self.residual_bits,
+                                   self.out_features, dtype).t()
 
     @property
     def kept_per_token(self) -> int:
@@ -79,12 +98,19 @@ class TopKLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
                                      straight_through=self.training and self.straight_through)
-        return F.linear(sparse, self.weight, self.bias)
+        output = F.linear(sparse, self.weight, self.bias)
+        if self.residual_bits:
+            output = output + F.linear(x - sparse, self.residual_weight(x.dtype))
+        return output
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token (in,) through the sparse kernel; block mode and L2 rescaling select the channels here and
         apply the per-token scale ||x|| / ||kept|| to the kernel's output before the bias."""
         weight_t = self.weight.t()
+        if self.residual_bits:
+            scales = self.residual_scales.view(torch.float16)
+            return kernels.topk_residual_gemv(x, weight_t, self.residual_codes, scales, self.bias, self.keep_k,
+                                              self.residual_bits)
         if not self.block_size and not self.l2_rescale:
             return kernels.decode_topk_gemv(x, weight_t, self.bias, self.keep_k)
         if self.block_size:
@@ -107,6 +133,8 @@ class TopKLinear(nn.Linear):
             options += f", block={block_keep(self.keep_k, self.in_features, self.block_size)}:{self.block_size}"
         if self.l2_rescale:
             options += ", l2_rescale=True"
+        if self.residual_bits:
+            options += f", residual_bits={self.residual_bits}"
         return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
 
 
@@ -173,8 +201,11 @@ class QuantizedTopKLinear(TopKLinear):
 
 
 def topk_linear(linear: nn.Linear, keep_k: int, site: str, config: SparsifyConfig) -> TopKLinear:
-    """The run-time module of a site linear: a `TopKLinear`, quantized if `config.weight_bits` asks for it."""
+    """The run-time module of a site linear: a `TopKLinear`, quantized if `config.weight_bits` asks for it, with a
+    residual copy if `config.residual_bits` does."""
     module = TopKLinear.from_linear(linear, keep_k, site)
+    if config.residual_bits:
+        module.attach_residual(config.residual_bits)
     if config.weight_bits is None:
         return module
     return QuantizedTopKLinear.from_topk(module, config.weight_bits, config.group_size)

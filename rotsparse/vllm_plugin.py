@@ -68,6 +68,10 @@ def check_servable(plan: SparsityPlan, model_type: str) -> FamilySpec:
         raise ValueError(f"rotsparse cannot serve this model with vLLM: its Top-K linears hold {weight_bits}-bit "
                          f"quantized weights (qweight / qscale tensors), which this plugin does not load; use "
                          f"transformers (rotsparse.load), or sparsify without weight_bits")
+    if plan.config.residual_bits:
+        raise ValueError(f"rotsparse cannot serve this model with vLLM: its Top-K linears carry the dropped inputs "
+                         f"through a {plan.config.residual_bits}-bit residual weight copy, which this plugin does not "
+                         f"compute; use transformers (rotsparse.load), or sparsify without residual_bits")
     return spec
 
 

@@ -17,7 +17,8 @@ from rotsparse.cli import build_parser
 from rotsparse.compiled import MODES, compile_function, eager_forward, is_compiled
 from rotsparse.config import SparsifyConfig
 from rotsparse.families import get_family
-from rotsparse.quantize import quantize_int4, quantize_int8
+from rotsparse.kernels.reference import RESIDUAL_GROUP
+from rotsparse.quantize import quantize_int4, quantize_int8, quantize_residual
 from rotsparse.runtime import ROTATION_BUFFER, TopKLinear
 
 from tiny_models import FAMILIES, random_tokens, tiny_model
@@ -35,9 +36,10 @@ def _op_samples():
     """Arguments per custom op: every x layout a decode step passes, float32 and bfloat16, with and without
     bias, K = 0, in between and in."""
     samples = {"topk_gemv": [], "index_gemv": [], "topk_indices": [], "dense_gemv": [], "topk_gemv_int8": [],
-               "topk_gemv_int4": []}
+               "topk_gemv_int4": [], "topk_residual_gemv": []}
     q8, scale8 = quantize_int8(_weight(96, 40))
     q4, scales4 = quantize_int4(_weight(96, 40), group_size=32)
+    copies = {bits: quantize_residual(_weight(96, 40), bits, RESIDUAL_GROUP) for bits in (1, 2)}
     for dtype in (torch.float32, torch.bfloat16):
         weight_t = _weight(96, 40, dtype)
         bias = torch.randn(40).to(dtype)
@@ -48,6 +50,8 @@ def _op_samples():
                 samples["topk_indices"].append((x, keep_k))
                 samples["topk_gemv_int8"].append((x, q8, scale8, b, keep_k))
                 samples["topk_gemv_int4"].append((x, q4, scales4, b, keep_k))
+                for bits, (codes, scales) in copies.items():
+                    samples["topk_residual_gemv"].append((x, weight_t, codes, scales, b, keep_k, bits))
             indices = torch.randperm(96)[:29].sort().values
             samples["index_gemv"] += [(x, indices, weight_t, bias), (x, indices, weight_t, None)]
             weight = weight_t.t().contiguous()  # row-major (out, in), as an lm_head stores it
@@ -181,6 +185,24 @@ def test_qsparse_options_compile_without_graph_breaks():
     assert decode.graph_break_count == 0 and decode.graph_count == 1
     assert _graph_ops(decode.graphs[0])["rotsparse.index_gemv"] == sum(isinstance(m, TopKLinear)
                                                                       for m in model.modules())
+    torch._dynamo.reset()
+    rotsparse.compile(model, backend="aot_eager")
+    for a, e in zip(_decode(model, model, tokens), expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_copy_decodes_through_its_kernel_in_one_graph():
+    model = tiny_model("llama")
+    rotsparse.sparsify(model, sparsity=0.5, method="topk", residual_bits=2, progress=False)
+    tokens = random_tokens(num_sequences=1, length=PROMPT + STEPS)
+    expected = _decode(model, model, tokens)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
+    torch._dynamo.reset()
+    decode = _explain(model, tokens, cache, PROMPT, 1)
+    assert decode.graph_break_count == 0 and decode.graph_count == 1
+    assert _graph_ops(decode.graphs[0]) == {"rotsparse.topk_residual_gemv": sum(isinstance(m, TopKLinear)
+                                                                                for m in model.modules()),
+                                            "rotsparse.dense_gemv": 1}
     torch._dynamo.reset()
     rotsparse.compile(model, backend="aot_eager")
     for a, e in zip(_decode(model, model, tokens), expected):

@@ -16,17 +16,9 @@ from rotsparse.kernels.reference import (group_int8_activations, int4_positions,
 from rotsparse.quantize import dequantize, quantize_int4, quantize_int8
 from rotsparse.runtime import QuantizedTopKLinear, set_kernels
 
-from tiny_models import random_tokens, tiny_model
+from tiny_models import distinct_token, random_tokens, tiny_model
 
 SHAPES = [(64, 144, 16), (128, 34, 32), (96, 48, 32)]  # (in, out, int4 group): out % 32 = 16, 2, 16
-
-
-def distinct_token(n_in: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """One token whose magnitudes are distinct in `dtype` (no ties at the Top-K threshold)."""
-    generator = torch.Generator().manual_seed(seed)
-    magnitudes = 1 + torch.randperm(n_in, generator=generator).float() / 8  # multiples of 1/8 below 2^5: exact
-    signs = torch.randint(0, 2, (n_in,), generator=generator).float() * 2 - 1
-    return (magnitudes * signs).to(dtype)
 
 
 @pytest.mark.parametrize("out", [2, 34, 48, 64, 144])

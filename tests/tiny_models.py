@@ -65,6 +65,14 @@ def random_tokens(vocab_size: int = 128, num_sequences: int = 4, length: int = 3
     return torch.randint(0, vocab_size, (num_sequences, length), generator=generator)
 
 
+def distinct_token(n_in: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """One token whose magnitudes are distinct in `dtype` (no ties at the Top-K threshold)."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitudes = 1 + torch.randperm(n_in, generator=generator).float() / 8  # multiples of 1/8 below 2^5: exact
+    signs = torch.randint(0, 2, (n_in,), generator=generator).float() * 2 - 1
+    return (magnitudes * signs).to(dtype)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||."""
     return ((actual - expected).norm() / expected.norm()).item()

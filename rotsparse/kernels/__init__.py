@@ -24,6 +24,8 @@ Weight-only quantized weights: :func:`topk_gemv_int8` (int8 ``(in, out)`` with
 one scale per output column) and :func:`topk_gemv_int4` (two 4-bit values per
 byte along the output dimension, ``(in, out / 2)``, scales per group of input
 channels ``(in / group, out)``); ``keep_k = in`` is their dense GEMV.
+:func:`topk_residual_gemv`: the kept inputs through the float weight, the dropped ones through a 1- or 2-bit copy
+(`SparsifyConfig.residual_bits`).
 
 Public API: :func:`topk_gemv`, :func:`index_gemv`, :func:`topk_indices`,
 :func:`dense_gemv` (one token through a row-major ``(out, in)`` weight, e.g. the
@@ -48,7 +50,7 @@ from torch import Tensor
 
 from . import ops
 from .build import NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
-from .reference import check_keep_k, to_input_major, topk_mask
+from .reference import RESIDUAL_GROUP, check_keep_k, to_input_major, topk_mask
 
 __all__ = [
     "build_extension",
@@ -61,6 +63,7 @@ __all__ = [
     "topk_gemv_int8",
     "topk_indices",
     "topk_mask",
+    "topk_residual_gemv",
 ]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -198,6 +201,32 @@ def topk_gemv_int4(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[T
     if _eager_fast_path(x, packed_t, scales, bias):
         return ops.topk_gemv_int4_dispatch(x, packed_t, scales, bias, keep_k)
     return torch.ops.rotsparse.topk_gemv_int4(x, packed_t, scales, bias, keep_k)
+
+
+def topk_residual_gemv(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
+                       keep_k: int, bits: int) -> Tensor:
+    """Top-K GEMV of ONE token whose dropped inputs go through a low-bit copy of the weight.
+
+    ``y = topk_mask(x, keep_k) @ weight_t + (x - topk_mask(x, keep_k)) @ R (+ bias)``; weight_t (in, out) as in
+    :func:`topk_gemv`; R the residual copy (`reference.residual_weight_torch`): codes (in, groups * 64 * bits / 8)
+    uint8, scales (in, groups) float16, groups = ceil(out / 64), bits 1 or 2. Reads the kept rows of weight_t and
+    the dropped rows of the copy. Custom op ``torch.ops.rotsparse.topk_residual_gemv`` (no autograd).
+    """
+    _check_gemv_args(x, weight_t, bias)
+    n_in, n_out = weight_t.shape
+    if bits not in (1, 2):
+        raise ValueError(f"bits must be 1 or 2, got {bits!r}")
+    groups = -(-n_out // RESIDUAL_GROUP)
+    if (codes.dtype != torch.uint8 or codes.shape != (n_in, groups * RESIDUAL_GROUP * bits // 8)
+            or scales.dtype != torch.float16 or scales.shape != (n_in, groups)
+            or not codes.is_contiguous() or not scales.is_contiguous()):
+        raise ValueError(f"the residual copy of a ({n_in}, {n_out}) weight must be contiguous uint8 codes "
+                         f"({n_in}, {groups * RESIDUAL_GROUP * bits // 8}) and float16 scales ({n_in}, {groups}); got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    keep_k = check_keep_k(keep_k, n_in)
+    if _eager_fast_path(x, weight_t, codes, scales, bias):
+        return ops.topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits)
+    return torch.ops.rotsparse.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits)
 
 
 def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import triton_gemv
 from .build import NATIVE_DTYPES, cpp_ext, triton_available
 from .reference import (index_gemv_torch, topk_gemv_int4_torch, topk_gemv_int8_torch, topk_gemv_torch,
-                        topk_indices_torch, topk_select)
+                        topk_indices_torch, topk_residual_gemv_torch, topk_select)
 
 
 def topk_gemv_dispatch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
@@ -79,6 +79,28 @@ def topk_gemv_int4_dispatch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: O
         if ext is not None:
             return ext.topk_gemv_int4(x, packed_t, scales, bias, int(keep_k))
     return topk_gemv_int4_torch(x, packed_t, scales, bias, int(keep_k))
+
+
+def topk_residual_gemv_dispatch(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
+                                keep_k: int, bits: int) -> Tensor:
+    if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES:
+        ext = cpp_ext()
+        if ext is not None:
+            return ext.topk_residual_gemv(x, weight_t, codes, scales, bias, int(keep_k), int(bits))
+    return topk_residual_gemv_torch(x, weight_t, codes, scales, bias, int(keep_k), int(bits))
+
+
+@torch.library.custom_op("rotsparse::topk_residual_gemv", mutates_args=())
+def _topk_residual_gemv_op(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
+                           keep_k: int, bits: int) -> Tensor:
+    return topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits)
+
+
+@_topk_residual_gemv_op.register_fake
+def _topk_residual_gemv_fake(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
+                             keep_k: int, bits: int) -> Tensor:
+    torch._check(x.shape[-1] == weight_t.shape[0])
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 @torch.library.custom_op("rotsparse::topk_gemv_int8", mutates_args=())

@@ -150,3 +150,32 @@ def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Opti
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+RESIDUAL_GROUP = 64
+"""Output columns per float16 scale of a residual copy (`rotsparse.quantize.quantize_residual`); rows are padded to
+whole groups."""
+
+
+def residual_weight_torch(codes: Tensor, scales: Tensor, bits: int, out: int, dtype: torch.dtype) -> Tensor:
+    """The (in, out) weight a residual copy stands for: ``scales[i, j // 64] * (code[i, j] - (2**bits - 1) / 2)``;
+    codes (in, groups * 64 * bits / 8) uint8, 8 / bits per byte along the output, the first in the low bits;
+    scales (in, groups) float16."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    unpacked = (codes.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    n_in, groups = scales.shape
+    levels = unpacked.reshape(n_in, groups, -1).float() - (2 ** bits - 1) / 2
+    return (levels * scales.float().unsqueeze(-1)).reshape(n_in, -1)[:, :out].to(dtype)
+
+
+def topk_residual_gemv_torch(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
+                             keep_k: int, bits: int) -> Tensor:
+    """One token x (in,): ``topk(x) @ weight_t + (x - topk(x)) @ residual (+ bias)``, float32 accumulation, the
+    residual copy as in `residual_weight_torch`."""
+    n_in, n_out = weight_t.shape
+    x1 = x.reshape(n_in).float()
+    kept = topk_mask(x1, keep_k)
+    acc = kept @ weight_t.float() + (x1 - kept) @ residual_weight_torch(codes, scales, bits, n_out, torch.float32)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)

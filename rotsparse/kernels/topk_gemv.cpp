@@ -755,6 +755,113 @@ void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t g
 }
 
 // ---------------------------------------------------------------------------
+// Top-K GEMV with a low-bit residual copy (SparsifyConfig.residual_bits):
+//   y = sum_{i kept} x_i Wt[i, :] + sum_{i dropped} x_i R[i, :]  (+ bias)
+// R[i, j] = scale[i, j / 64] * (code[i, j] - (2^bits - 1) / 2): codes packed
+// 8 / bits per byte along the output (the first in the low bits), each row
+// padded to whole groups of 64 columns, scales (in, groups) float16.  A kept
+// row is read as in topk_gemv; a dropped row reads bits / 16 of a 16-bit row
+// plus its scale row.  16 columns of a 2-bit row are one 32-bit word (code j
+// in bits 2j, 2j+1), of a 1-bit row one 16-bit word: broadcast, shifted per
+// lane, mapped to its level by a table permute.
+// ---------------------------------------------------------------------------
+constexpr int64_t kResidualGroup = 64;
+
+template <int BITS>
+inline float residual_code(const uint8_t* row, int64_t c) {
+  return float((row[c * BITS / 8] >> ((c * BITS) % 8)) & ((1 << BITS) - 1));
+}
+
+#if RS_AVX512
+// 16 columns' levels code - centre: the columns' code word broadcast, shifted by
+// BITS per lane; the low 4 bits of each lane then index a 16-entry table of
+// (e mod 2^BITS) - centre (so no masking or conversion).
+template <int BITS>
+inline __m512 residual_levels16(const uint8_t* p, __m512i shifts, __m512 table) {
+  uint32_t word = 0;
+  std::memcpy(&word, p, 16 * BITS / 8);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts), table);
+}
+#endif
+
+// acc[0..len) += sum over rows idx[0..n) of xs * R[idx, j0 + .]; j0 a multiple of 64.
+template <int BITS>
+void accumulate_residual(float* RS_RESTRICT acc, int64_t len, const uint8_t* C, int64_t ldc,
+                         const c10::Half* S, int64_t groups, int64_t j0, const int64_t* idx,
+                         const float* xs, int64_t n) {
+  constexpr float kCentre = ((1 << BITS) - 1) / 2.f;
+  const int64_t g0 = j0 / kResidualGroup, ng = (len + kResidualGroup - 1) / kResidualGroup;
+  constexpr int R = 4;
+  int64_t s = 0;
+#if RS_AVX512
+  __m512i shifts;
+  __m512 table;
+  {
+    alignas(64) int32_t sh[16];
+    alignas(64) float tb[16];
+    for (int l = 0; l < 16; ++l) {
+      sh[l] = l * BITS;
+      tb[l] = float(l & ((1 << BITS) - 1)) - kCentre;
+    }
+    shifts = _mm512_load_si512(sh);
+    table = _mm512_load_ps(tb);
+  }
+  for (; s < n; s += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, n - s));
+    const uint8_t* p[R];
+    const c10::Half* sc[R];
+    for (int r = 0; r < rows; ++r) {
+      p[r] = C + idx[s + r] * ldc + j0 * BITS / 8;
+      sc[r] = S + idx[s + r] * groups + g0;
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512 f[R];
+      for (int r = 0; r < rows; ++r) f[r] = _mm512_set1_ps(xs[s + r] * static_cast<float>(sc[r][g]));
+      const int64_t end = std::min<int64_t>(len, (g + 1) * kResidualGroup);
+      for (int64_t j = g * kResidualGroup; j < end; j += 16) {
+        const __mmask16 m = end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
+        __m512 a = _mm512_maskz_loadu_ps(m, acc + j);
+        for (int r = 0; r < rows; ++r)
+          a = _mm512_fmadd_ps(f[r], residual_levels16<BITS>(p[r] + j * BITS / 8, shifts, table), a);
+        _mm512_mask_storeu_ps(acc + j, m, a);
+      }
+    }
+  }
+#else
+  for (; s < n; ++s) {
+    const uint8_t* row = C + idx[s] * ldc;
+    const c10::Half* sc = S + idx[s] * groups + g0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float v = xs[s] * static_cast<float>(sc[g]);
+      const int64_t end = std::min<int64_t>(len, (g + 1) * kResidualGroup);
+      for (int64_t j = g * kResidualGroup; j < end; ++j)
+        acc[j] += v * (residual_code<BITS>(row, j0 + j) - kCentre);
+    }
+  }
+#endif
+}
+
+// rows[0..K) kept (through Wt), rows[K..n) dropped (through the residual copy); y (out,) of type W.
+template <typename W>
+void gemv_rows_residual(const W* Wt, const uint8_t* C, int64_t ldc, const c10::Half* S, int64_t groups,
+                        int bits, int64_t out, const int64_t* rows, const float* vals, int64_t K,
+                        int64_t n, const float* bias, W* y) {
+  gemv_driver(
+      out, n, kResidualGroup, RS_MAX_TILE_BYTES / int64_t(sizeof(W)), rows, vals,
+      [&](float* acc, int64_t j0, int64_t len, const int64_t* r, const float* v, int64_t count) {
+        const int64_t r0 = r - rows, r1 = r0 + count;
+        const int64_t kept_end = std::min(r1, K), dropped_start = std::max(r0, K);
+        if (r0 < kept_end) accumulate_tile<W>(acc, len, Wt, out, j0, r, v, kept_end - r0);
+        if (dropped_start < r1) {
+          const auto accumulate = bits == 2 ? accumulate_residual<2> : accumulate_residual<1>;
+          accumulate(acc, len, C, ldc, S, groups, j0, rows + dropped_start, vals + dropped_start,
+                     r1 - dropped_start);
+        }
+      },
+      [&](int64_t j, float v) { io<W>::store(y + j, bias ? v + bias[j] : v); });
+}
+
+// ---------------------------------------------------------------------------
 // Dense GEMV over a row-major (out, in) weight (an nn.Linear weight as stored):
 //   y[j] = dot(W[j, :], x) (+ bias[j]),  float32 accumulation.
 // Used for dense parts of a decode step (the lm_head) without re-laying out
@@ -1092,6 +1199,65 @@ at::Tensor topk_gemv_int4(const at::Tensor& x, const at::Tensor& packed_t, const
   return y;
 }
 
+// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] + sum over the others of
+// x_i * R[i, :] (+ bias); R: the residual copy (codes (in, groups * 64 * bits / 8) uint8,
+// scales (in, groups) float16; layout at gemv_rows_residual).
+at::Tensor topk_residual_gemv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& codes,
+                              const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                              int64_t keep_k, int64_t bits) {
+  check_common(x, weight_t, bias);
+  const int64_t in = weight_t.size(0), out = weight_t.size(1);
+  TORCH_CHECK(keep_k >= 0 && keep_k <= in, "keep_k=", keep_k, " out of range [0, ", in, "]");
+  TORCH_CHECK(bits == 1 || bits == 2, "residual bits must be 1 or 2, got ", bits);
+  const int64_t groups = (out + kResidualGroup - 1) / kResidualGroup;
+  TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), "codes and scales must be on the CPU");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() &&
+                  codes.size(0) == in && codes.size(1) == groups * kResidualGroup * bits / 8,
+              "residual codes must be contiguous uint8 of shape (", in, ", ",
+              groups * kResidualGroup * bits / 8, ")");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == in && scales.size(1) == groups,
+              "residual scales must be contiguous float16 of shape (", in, ", ", groups, ")");
+  Selection sel = select_token(x, keep_k);
+  // every row: the kept ones (ascending), then the dropped ones (ascending) with their values
+  const at::Tensor xf = x.reshape({in}).to(at::kFloat).contiguous();
+  const float* xv = xf.data_ptr<float>();
+  std::vector<int64_t> rows(sel.idx.begin(), sel.idx.begin() + sel.K);
+  std::vector<float> vals(sel.xs.begin(), sel.xs.begin() + sel.K);
+  rows.reserve(static_cast<size_t>(in));
+  vals.reserve(static_cast<size_t>(in));
+  for (int64_t i = 0, k = 0; i < in; ++i) {
+    if (k < sel.K && sel.idx[k] == i) {
+      ++k;
+      continue;
+    }
+    rows.push_back(i);
+    vals.push_back(xv[i]);
+  }
+  at::Tensor holder;
+  const float* bp = float_bias(bias, holder);
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const int64_t ldc = codes.size(1);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      gemv_rows_residual<float>(weight_t.data_ptr<float>(), cp, ldc, sp, groups, int(bits), out,
+                                rows.data(), vals.data(), sel.K, in, bp, y.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      gemv_rows_residual<bf16_t>(reinterpret_cast<const bf16_t*>(weight_t.data_ptr()), cp, ldc, sp, groups,
+                                 int(bits), out, rows.data(), vals.data(), sel.K, in, bp,
+                                 reinterpret_cast<bf16_t*>(y.data_ptr()));
+      break;
+    default:
+      gemv_rows_residual<half_bits>(reinterpret_cast<const half_bits*>(weight_t.data_ptr()), cp, ldc, sp,
+                                    groups, int(bits), out, rows.data(), vals.data(), sel.K, in, bp,
+                                    reinterpret_cast<half_bits*>(y.data_ptr()));
+  }
+  return y;
+}
+
 // Sorted indices (int64) of the keep_k largest |x|, x: one token.
 at::Tensor topk_indices(const at::Tensor& x, int64_t keep_k) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
@@ -1135,5 +1301,8 @@ RS_TORCH_LIBRARY(RS_NS, m) {
         &topk_gemv_int8);
   m.def("topk_gemv_int4(Tensor x, Tensor packed_t, Tensor scales, Tensor? bias, int keep_k) -> Tensor",
         &topk_gemv_int4);
+  m.def("topk_residual_gemv(Tensor x, Tensor weight_t, Tensor codes, Tensor scales, Tensor? bias, int keep_k, "
+        "int bits) -> Tensor",
+        &topk_residual_gemv);
   m.def("has_avx512() -> bool", &has_avx512);
 }
