@@ -291,8 +291,8 @@ def bench_command(args) -> dict:
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
     return {"model": args.model, "method": config.method, "sparsity": config.sparsity, "layers": len(family.layers),
-            "residual_adapters": rotations, "residual_bits": config.residual_bits, "weight_bits": config.weight_bits, "group_size": config.group_size if config.weight_bits == 4 else None,
-            **result.to_dict()}
+            "residual_adapters": rotations, "residual_bits": config.residual_bits, "weight_bits": config.weight_bits,
+            "group_size": config.group_size if config.weight_bits == 4 else None, **result.to_dict()}
 
 
 def recover_command(args) -> dict:

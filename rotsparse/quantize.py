@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import WEIGHT_BITS
-from .kernels.reference import pack_int4, residual_weight_torch, unpack_int4
+from .kernels.reference import pack_int4, unpack_int4
 
 SCALE_DTYPES = {8: torch.float32, 4: torch.float16}
 """Float dtype of the scales of each format."""
@@ -99,7 +99,8 @@ def quantize_residual(weight_t: Tensor, bits: int, group_size: int) -> tuple[Ten
     `group_size` output columns: a value is ``(c - (2**bits - 1) / 2) * scale`` with a code c in [0, 2**bits);
     the scale is the least-squares one for its codes, refined from ``absmax / ((2**bits - 1) / 2)`` by Lloyd
     iterations (for 1 bit: codes are the signs and the scale 2 * mean |w|). Output columns past `out` are
-    zero-padded to a whole group. Codes are packed 8 / bits per byte, the first in the low bits.
+    zero-padded to a whole group. Codes are packed 8 / bits per byte, the first in the low bits; the weight the copy
+    stands for is `rotsparse.kernels.reference.residual_weight_torch`.
     """
     if bits not in (1, 2):
         raise ValueError(f"residual bits must be 1 or 2, got {bits!r}")
@@ -121,7 +122,3 @@ def quantize_residual(weight_t: Tensor, bits: int, group_size: int) -> tuple[Ten
     packed = (codes << shifts).sum(-1, dtype=torch.uint8)
     return packed.contiguous(), scales
 
-
-def dequantize_residual(codes: Tensor, scales: Tensor, bits: int, out_features: int, dtype: torch.dtype) -> Tensor:
-    """Inverse of `quantize_residual`: the (in, out_features) weight the low-bit copy stands for, in `dtype`."""
-    return residual_weight_torch(codes, scales, bits, out_features, dtype)

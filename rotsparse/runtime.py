@@ -17,11 +17,10 @@ from . import kernels
 from .config import SITES, SparsifyConfig
 from .families import Family, get_family
 from .kernels.build import NATIVE_DTYPES
-from .kernels.reference import RESIDUAL_GROUP, group_int8_activations, to_input_major
+from .kernels.reference import RESIDUAL_GROUP, group_int8_activations, residual_weight_torch, to_input_major
 from .offload import adopt_hooks
 from .plan import SparsityPlan
-from .quantize import (dequantize, dequantize_residual, quantize, quantize_residual, quantized_shapes, scale_bits,
-                       scale_values)
+from .quantize import dequantize, quantize, quantize_residual, quantized_shapes, scale_bits, scale_values
 from .topk import block_indices, block_keep, l2_rescale_factor, sparsify_activation
 
 ROTATION_BUFFER = "rotsparse_output_rotation"
@@ -81,8 +80,8 @@ class TopKLinear(nn.Linear):
 
     def residual_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) float weight the residual copy stands for."""
-        return dequantize_residual(self.residual_codes, self.residual_scales.view(torch.float16), self.residual_bits,
-                                   self.out_features, dtype).t()
+        return residual_weight_torch(self.residual_codes, self.residual_scales.view(torch.float16), self.residual_bits,
+                                     self.out_features, dtype).t()
 
     @property
     def kept_per_token(self) -> int:

@@ -8,15 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import rotsparse
+from rotsparse import kernels
 from rotsparse.bench import structural_sparse_copy, weight_bytes
 from rotsparse.cli import build_parser, config_from_args
-from rotsparse.kernels.reference import RESIDUAL_GROUP
-from rotsparse.quantize import dequantize_residual, quantize_residual
-from rotsparse import kernels
-from rotsparse.kernels.reference import topk_residual_gemv_torch
+from rotsparse.kernels.reference import RESIDUAL_GROUP, residual_weight_torch, topk_residual_gemv_torch
+from rotsparse.quantize import quantize_residual
 from rotsparse.runtime import TopKLinear
-from rotsparse.vllm_plugin import check_servable
 from rotsparse.topk import keep_topk
+from rotsparse.vllm_plugin import check_servable
 
 from tiny_models import distinct_token, generated_and_stepwise, logits, random_tokens, tiny_model
 
@@ -27,7 +26,7 @@ def test_one_bit_copy_is_signs_times_twice_the_mean_magnitude(n_out):
     codes, scales = quantize_residual(weight_t, 1, 64)
     groups = -(-n_out // 64)
     assert codes.shape == (5, groups * 64 // 8) and codes.dtype == torch.uint8 and scales.shape == (5, groups)
-    restored = dequantize_residual(codes, scales, 1, n_out, torch.float64)
+    restored = residual_weight_torch(codes, scales, 1, n_out, torch.float64)
     assert torch.equal(torch.sign(restored), torch.sign(weight_t))
     for group in range(groups):
         part = weight_t[:, group * 64:(group + 1) * 64]
@@ -38,13 +37,13 @@ def test_one_bit_copy_is_signs_times_twice_the_mean_magnitude(n_out):
 def test_copy_is_a_least_squares_fit_and_requantizes_to_itself(bits):
     weight_t = torch.randn(6, 192, dtype=torch.float64)
     codes, scales = quantize_residual(weight_t, bits, 64)
-    restored = dequantize_residual(codes, scales, bits, 192, torch.float64)
+    restored = residual_weight_torch(codes, scales, bits, 192, torch.float64)
     error = ((restored - weight_t) ** 2).sum() / (weight_t ** 2).sum()
     assert error < (0.4 if bits == 1 else 0.15)  # Gaussian weights: 1 - 2/pi ~ 0.36 (1 bit), ~0.12 (2 bits)
     again_codes, again_scales = quantize_residual(restored, bits, 64)
     assert torch.equal(again_codes, codes) and torch.equal(again_scales, scales)
     if bits == 2:  # four levels, all used: finer than the 1-bit copy
-        one_bit = dequantize_residual(*quantize_residual(weight_t, 1, 64), 1, 192, torch.float64)
+        one_bit = residual_weight_torch(*quantize_residual(weight_t, 1, 64), 1, 192, torch.float64)
         assert ((restored - weight_t) ** 2).sum() < ((one_bit - weight_t) ** 2).sum()
 
 
@@ -56,8 +55,8 @@ def test_linear_adds_the_dropped_inputs_through_the_copy(bits):
     assert isinstance(module, TopKLinear) and module.residual_bits == bits
     x = torch.randn(3, 7, module.in_features)
     kept = keep_topk(x, module.keep_k)
-    copy_weight = dequantize_residual(module.residual_codes, module.residual_scales.view(torch.float16), bits,
-                                      module.out_features, torch.float32).t()
+    copy_weight = residual_weight_torch(module.residual_codes, module.residual_scales.view(torch.float16), bits,
+                                        module.out_features, torch.float32).t()
     expected = kept @ module.weight.t() + (x - kept) @ copy_weight.t()
     with torch.no_grad():
         torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
