@@ -168,8 +168,8 @@ class DecodeBenchmark:
     kernel_dense_layers_ms_per_token: float | None
     layers_speedup_vs_kernel_dense: float | None
     effective_sparsity: float
-    bytes_limit_speedup: float
-    layers_bytes_limit_speedup: float
+    bytes_limit_speedup: float | None
+    layers_bytes_limit_speedup: float | None
     dtype: str
     device: str
     tokens: int
@@ -177,6 +177,7 @@ class DecodeBenchmark:
     threads: int
     compiled: bool = False
     compile_mode: str | None = None
+    batch_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,7 +185,8 @@ class DecodeBenchmark:
 
 def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repeats: int = 5, prompt_length: int = 16,
                      warmup_tokens: int = 8, seed: int = 0, kernel_dense: nn.Module | None = None,
-                     compile_mode: str | None = None, compile_backend: str = "inductor") -> DecodeBenchmark:
+                     compile_mode: str | None = None, compile_backend: str = "inductor",
+                     batch_size: int = 1) -> DecodeBenchmark:
     """Interleave dense and sparse decode timings (whole model and decoder stack) step by step; medians over
     `repeats`.
 
@@ -194,10 +196,14 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
     compile_mode: time compiled decode instead (`rotsparse.compile` with this mode, fullgraph, on every model
     alike, in place; a static KV cache): every speed-up is then compiled sparse vs compiled dense.
     compile_backend: the ``torch.compile`` backend of `compile_mode` (tests use ``"aot_eager"``).
+    batch_size: sequences decoded together (each step one token of each); above 1 the bytes limits are None,
+    as a batch reads the union of its tokens' kept rows, which depends on the tokens.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = plan_of(sparse)
     vocab = dense.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    prompt = torch.randint(0, vocab, (batch_size, prompt_length), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(dense.get_input_embeddings().weight.device)
     models = {"dense": dense, "sparse": sparse} | ({"kernel_dense": kernel_dense} if kernel_dense else {})
     compile_options = None if compile_mode is None else dict(mode=compile_mode, backend=compile_backend)
@@ -239,10 +245,11 @@ def benchmark_decode(dense: nn.Module, sparse: nn.Module, tokens: int = 64, repe
         layers_speedup_vs_kernel_dense=(None if kernel_dense_layers_ms is None
                                         else kernel_dense_layers_ms / median["sparse_layers"]),
         effective_sparsity=plan.effective_sparsity,
-        bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"],
-        layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"],
+        bytes_limit_speedup=dense_bytes["model"] / sparse_bytes["model"] if batch_size == 1 else None,
+        layers_bytes_limit_speedup=dense_bytes["layers"] / sparse_bytes["layers"] if batch_size == 1 else None,
         dtype=str(dtype).removeprefix("torch."), device=str(prompt.device), tokens=tokens, repeats=repeats,
         threads=torch.get_num_threads(), compiled=compile_mode is not None, compile_mode=compile_mode,
+        batch_size=batch_size,
     )
 
 

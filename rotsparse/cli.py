@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks-include-path", default=None, help="directory of extra lm-eval task YAMLs")
     evaluate.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
 
-    bench = command("bench", "batch-1 decode latency, dense vs sparse, interleaved in one run")
+    bench = command("bench", "decode latency, dense vs sparse, interleaved in one run")
     bench.add_argument("--layers", type=int, default=None, help="keep only N decoder layers")
     bench.add_argument("--adapter-every", type=int, default=None,
                        help="synthetic models, rotating methods: a residual rotation after every G-th layer "
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tokens", type=int, default=64, help="decode steps per repeat (default 64)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported (default 5)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="sequences decoded together, one token each per step (default 1)")
     _add_compile_option(bench)
 
     recover = command("recover", "Q-Sparse recovery training of a sparsified model")
@@ -287,7 +289,7 @@ def bench_command(args) -> dict:
                                                              weight_bits=config.weight_bits,
                                                              group_size=config.group_size))
     result = benchmark_decode(dense, sparse, tokens=args.tokens, repeats=args.repeats, kernel_dense=kernel_dense,
-                              compile_mode=args.compile)
+                              compile_mode=args.compile, batch_size=args.batch_size or 1)
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
     return {"model": args.model, "method": config.method, "sparsity": config.sparsity, "layers": len(family.layers),
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             command = args.command
             check_args(args)
-        except UsageError as error:
+        except UsageError:
             code = 2
             raise
         _configure_logging(args.verbose, args.quiet)

@@ -29,8 +29,10 @@ ROTATION_BUFFER = "rotsparse_output_rotation"
 class TopKLinear(nn.Linear):
     """Linear that keeps only the `keep_k` largest-magnitude inputs of each token.
 
-    Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set;
-    everything else (prefill, batch > 1, training) runs the dense-masked path, which computes the same function.
+    Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set, and so do
+    up to `kernels.BATCH_TOKENS` tokens on the CPU (batched decode, short prompts: one pass over the union of
+    their kept rows); everything else (longer prefills, training) runs the dense-masked path, which computes
+    the same function.
     With a residual copy (`attach_residual`) the dropped inputs add ``residual_weight @ (x - topk(x))``, in the
     masked path and in the decode kernel (`kernels.topk_residual_gemv`; block mode: the masked path) alike.
     The choice depends on the input's shape and the modes only, never on values, so under `torch.compile` each
@@ -68,6 +70,13 @@ class TopKLinear(nn.Linear):
         return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
                 and not self.training and not (self.residual_bits and self.block_size))
 
+    def _is_batched_step(self, x: torch.Tensor) -> bool:
+        """A few tokens (2 to `kernels.BATCH_TOKENS`: a batched decode step, a short prompt) in inference, plain
+        Top-K: the kernel reads the union of their kept rows once instead of the masked product's every row."""
+        return (self.use_kernel and not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
+                and self.in_features < x.numel() <= kernels.BATCH_TOKENS * self.in_features
+                and not (self.residual_bits or self.block_size or self.l2_rescale))
+
     def attach_residual(self, bits: int) -> None:
         """Keep a `bits`-bit copy of the weight for the inputs Top-K drops (`rotsparse.quantize.quantize_residual`,
         computed from the current weight): non-persistent buffers ``residual_codes`` (in, out * bits / 8 rounded
@@ -93,6 +102,8 @@ class TopKLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._is_decode_step(x):
             return self._decode(x)
+        if self._is_batched_step(x):
+            return kernels.decode_topk_gemv(x, self.weight.t(), self.bias, self.keep_k)
         if self.kept_per_token >= self.in_features:
             return F.linear(x, self.weight, self.bias)
         sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,
@@ -396,9 +407,12 @@ def apply_topk_options(model: nn.Module, config: SparsifyConfig) -> None:
 
 
 def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x (..., d) @ rotation (d, d); a single inference token goes through the dense decode kernel."""
+    """x (..., d) @ rotation (d, d); in inference a single token, or up to `kernels.BATCH_TOKENS` on the CPU, go
+    through the decode kernel at K = d."""
     rotation = rotation.to(x.dtype)
-    if x.numel() == rotation.shape[0] and not torch.is_grad_enabled() and rotation.is_contiguous():
+    tokens = x.numel() // rotation.shape[0]
+    if (not torch.is_grad_enabled() and rotation.is_contiguous()
+            and (tokens == 1 or (x.device.type == "cpu" and 1 < tokens <= kernels.BATCH_TOKENS))):
         return kernels.decode_topk_gemv(x, rotation, None, rotation.shape[0])
     return x @ rotation
 

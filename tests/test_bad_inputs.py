@@ -3,8 +3,6 @@ message naming the argument, file or tensor; the command prints one line to stde
 and exits with 2 for usage errors and 1 for runtime errors. docs/reliability.md tabulates these rows."""
 
 import json
-import os
-import sys
 
 import pytest
 import torch

@@ -114,6 +114,16 @@ def test_bench_on_a_synthetic_shape_reports_speed_and_bytes_limit(capsys):
     assert 1.0 < record["bytes_limit_speedup"] < 2.0
 
 
+def test_bench_batch_size_decodes_several_sequences(capsys):
+    assert main(["bench", "--model", "synthetic:llama2-7b", "--layers", "1", "--dtype", "float32",
+                 "--sparsity", "0.5", "--tokens", "2", "--repeats", "1", "--batch-size", "3", "--json"]) == 0
+    record = last_json_line(capsys)
+    assert record["batch_size"] == 3 and record["speedup"] > 0 and record["speedup_vs_kernel_dense"] > 0
+    assert record["bytes_limit_speedup"] is None  # a batch reads the union of its tokens' kept rows
+    assert main(["bench", "--model", "synthetic:llama2-7b", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
 def test_synthetic_structure_places_residual_adapters_every_g_layers():
     """The bench's stand-in for a rotated model: a d x d adapter after every G-th layer but the last (G = 1:
     after every layer, the worst case), none for topk; the function's weights are untouched."""

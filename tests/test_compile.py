@@ -12,6 +12,7 @@ import torch
 from transformers import StaticCache
 
 import rotsparse
+from rotsparse import kernels
 from rotsparse.bench import benchmark_decode, structural_sparse_copy
 from rotsparse.cli import build_parser
 from rotsparse.compiled import MODES, compile_function, eager_forward, is_compiled
@@ -131,19 +132,23 @@ def _explain(model, tokens: torch.Tensor, cache, position: int, length: int):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparsified_model_traces_without_graph_breaks_and_decodes_through_the_kernels(family):
     model = _rotated_sparse(family)
-    tokens = random_tokens(num_sequences=1, length=PROMPT + 1)
+    long = kernels.BATCH_TOKENS + 2
+    tokens = random_tokens(num_sequences=1, length=long)
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
     torch._dynamo.reset()
     prefill = _explain(model, tokens, cache, 0, PROMPT)
     decode = _explain(model, tokens, cache, PROMPT, 1)
-    for explained in (prefill, decode):
+    long_prefill = _explain(model, tokens, StaticCache(config=model.config, max_cache_len=long), 0, long)
+    for explained in (prefill, decode, long_prefill):
         assert explained.graph_break_count == 0, [str(reason) for reason in explained.break_reasons]
         assert explained.graph_count == 1
     sites = sum(isinstance(m, TopKLinear) for m in model.modules())
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in get_family(model).layers)
     assert rotations == len(get_family(model).layers) - 1 > 0
     assert _graph_ops(decode.graphs[0]) == {"rotsparse.topk_gemv": sites + rotations, "rotsparse.dense_gemv": 1}
-    assert _graph_ops(prefill.graphs[0]) == {}  # several tokens: the dense-masked path
+    assert PROMPT <= kernels.BATCH_TOKENS  # a short prompt: the kernels too (the head runs F.linear)
+    assert _graph_ops(prefill.graphs[0]) == {"rotsparse.topk_gemv": sites + rotations}
+    assert _graph_ops(long_prefill.graphs[0]) == {}  # more tokens: the dense-masked path
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -209,16 +214,19 @@ def test_residual_copy_decodes_through_its_kernel_in_one_graph():
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
-def test_dynamic_shapes_and_batches_take_the_dense_masked_path():
-    """dynamic=True: prompts of several lengths share one prefill graph; a batch of two decodes through the
-    dense-masked path (more than one token per call), a batch of one through the kernels; all equal eager."""
+def test_dynamic_shapes_long_prompts_take_the_masked_path_and_small_batches_the_kernels():
+    """dynamic=True: prompts of several lengths share one prefill graph; a batch-2 prompt (more than
+    kernels.BATCH_TOKENS tokens) runs the dense-masked path, a batch of two decodes through the kernels (two
+    tokens per call), a batch of one too (the head as well); all equal eager."""
     model = _rotated_sparse("qwen2")
     batch = random_tokens(num_sequences=2, length=PROMPT + STEPS)
     expected = _decode(model, model, batch)
+    sites = sum(isinstance(m, TopKLinear) for m in model.modules())
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
+    assert 2 * PROMPT > kernels.BATCH_TOKENS
     assert _graph_ops(_explain(model, batch, cache, 0, PROMPT).graphs[0]) == {}
-    assert _graph_ops(_explain(model, batch, cache, PROMPT, 1).graphs[0]) == {}
+    assert _graph_ops(_explain(model, batch, cache, PROMPT, 1).graphs[0]) == {"rotsparse.topk_gemv": sites + 1}
     graphs = []
 
     def recording_aot_eager(graph_module, example_inputs):
@@ -230,24 +238,24 @@ def test_dynamic_shapes_and_batches_take_the_dense_masked_path():
     for a, e in zip(_decode(model, model, batch), expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     batch_graphs = len(graphs)
-    assert batch_graphs >= 2 and all(_graph_ops(graph) == {} for graph in graphs)  # prefill, batch-2 decode
+    assert batch_graphs >= 2 and _graph_ops(graphs[0]) == {}  # the batch-2 prompt
+    assert _graph_ops(graphs[-1]) == {"rotsparse.topk_gemv": sites + 1}  # batch-2 decode
     single = random_tokens(num_sequences=1, length=PROMPT + STEPS)
     for a, e in zip(_decode(model, model, single), _decode(eager_forward(model), model, single)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
-    sites = sum(isinstance(m, TopKLinear) for m in model.modules())
     assert len(graphs) > batch_graphs  # one token in all: a graph of its own (size 1 is specialised) ...
     assert _graph_ops(graphs[-1]) == {"rotsparse.topk_gemv": sites + 1, "rotsparse.dense_gemv": 1}  # ... on the kernels
     for length in (PROMPT, PROMPT + 2):
         tokens = random_tokens(num_sequences=1, length=length + 1, seed=length)
         cache = StaticCache(config=model.config, max_cache_len=length + 2)
-        with torch.no_grad():
-            for call in (eager_forward(model), model):
-                cache.reset()
-                logits = call(input_ids=tokens, past_key_values=cache, use_cache=True,
-                              cache_position=torch.arange(length + 1)).logits
-                if call is model:
-                    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
-                reference = logits
+
+        def prefill(call):
+            cache.reset()
+            with torch.no_grad():
+                return call(input_ids=tokens, past_key_values=cache, use_cache=True,
+                            cache_position=torch.arange(length + 1)).logits
+
+        torch.testing.assert_close(prefill(model), prefill(eager_forward(model)), rtol=1e-4, atol=1e-4)
 
 
 def test_compile_keeps_the_eager_forward_and_checks_the_mode():

@@ -20,7 +20,7 @@ from rotsparse.rotation import fold_input, pca_rotation, residual_rotation, rota
 from rotsparse.runtime import TopKLinear
 from rotsparse.topk import keep_topk
 
-from tiny_models import FAMILIES, invariance_error, logits, random_tokens, relative_error, tiny_model
+from tiny_models import FAMILIES, invariance_error, random_tokens, relative_error, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -291,3 +291,46 @@ def test_calibration_memory_grows_with_one_layer_not_with_depth():
     shallow, deep = peak_kib(4), peak_kib(32)
     assert deep - shallow < 4 * one_layer_activations_kib + sensitivity_inputs_kib + layer_results_kib, (shallow, deep)
     assert deep - shallow < 28 * one_layer_activations_kib / 3, "must not hold every layer's activations"
+
+
+def test_a_few_tokens_take_the_kernel_and_equal_the_masked_path(monkeypatch):
+    """Up to kernels.BATCH_TOKENS tokens in inference (a batched decode step, a short prompt) go through the
+    sparse kernel, more through the masked product; both compute every token's own Top-K."""
+    from rotsparse import kernels
+
+    module = TopKLinear.from_linear(torch.nn.Linear(64, 40), 20, "h1").eval()
+    calls = []
+    real = kernels.decode_topk_gemv
+    monkeypatch.setattr(kernels, "decode_topk_gemv", lambda x, *rest: calls.append(x.shape) or real(x, *rest))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for shape in [(1, 1, 64), (2, 1, 64), (8, 64), (2, 4, 64), (9, 64), (3, 5, 64)]:
+            x = torch.randn(shape, generator=generator)
+            calls.clear()
+            output = module(x)
+            tokens = x.numel() // 64
+            assert calls == ([torch.Size(shape)] if tokens <= kernels.BATCH_TOKENS else [])
+            expected = torch.nn.functional.linear(keep_topk(x, 20), module.weight, module.bias)
+            torch.testing.assert_close(output, expected)
+    module.train()
+    calls.clear()
+    module(torch.randn(2, 64))  # training: the masked path (straight-through backward)
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_batched_generation_equals_the_masked_path(family):
+    """A batch of 3 sequences decoded with the kernels (every step 3 tokens through the batched kernel) gives the
+    logits of the dense-masked path."""
+    model = tiny_model(family)
+    rotsparse.sparsify(model, sparsity=0.5, method="topk", progress=False)
+    tokens = random_tokens(num_sequences=3, length=6, seed=5)
+    with torch.no_grad():
+        with_kernels = model.generate(tokens, max_new_tokens=5, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)
+        rotsparse.runtime.set_kernels(model, False)
+        masked = model.generate(tokens, max_new_tokens=5, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    assert torch.equal(with_kernels.sequences, masked.sequences)
+    for got, want in zip(with_kernels.logits, masked.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -147,6 +147,31 @@ def test_ties_still_select_exactly_k():
     torch.testing.assert_close(y, w[idx].sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ties_go_to_the_lowest_indices_on_every_path(dtype):
+    """With ties and zeros at the threshold, the reference mask, the C++ selection, one token through the kernel
+    and several tokens through the batched kernel all keep the same entries: the lowest indices among the tied."""
+    from rotsparse.kernels.reference import topk_select
+
+    generator = torch.Generator().manual_seed(4)
+    x = (torch.randint(-4, 5, (6, 130), generator=generator) / 2).to(dtype)
+    w = make_weight(130, 24, dtype)
+    for k in (0, 1, 7, 64, 129, 130):
+        lowest = [sorted(range(130), key=lambda i: (-abs(float(row[i])), i))[:k] for row in x]
+        assert topk_select(x, k).tolist() == [sorted(indices) for indices in lowest]
+        for row, indices in zip(x, lowest):
+            assert topk_indices(row, k).tolist() == sorted(indices)
+        mask = torch.zeros(6, 130, dtype=torch.bool)
+        for row, indices in enumerate(lowest):
+            mask[row, indices] = True
+        expected = (x.double() * mask) @ w.double()
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for tokens in (x, x[:1]):
+            got = topk_gemv(tokens, w, None, k).double()
+            torch.testing.assert_close(got, expected[: len(tokens)], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(topk_mask(x, k), torch.where(mask, x, 0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_gemv(dtype):
     x = distinct_x(700, dtype, seed=5)
@@ -215,6 +240,56 @@ def test_decode_topk_gemv_equals_topk_gemv(dtype):
         torch.testing.assert_close(K.decode_topk_gemv(x, w, b, k), topk_gemv(x, w, b, k), rtol=0, atol=0)
     x64, w64 = x.double(), w.double()  # not a native dtype: goes through topk_gemv's fallback
     torch.testing.assert_close(K.decode_topk_gemv(x64, w64, None, 100), reference(x64, w64, None, 100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(576, 1536), (1000, 37), (13, 5), (96, 40), (300, 1030)], ids=str)
+@pytest.mark.parametrize("tokens", [(2,), (3,), (2, 4), (9,), (17,)], ids=str)
+def test_several_tokens_equal_the_masked_product(dtype, shape, tokens):
+    """Several tokens (one pass over the union of up to BATCH_TOKENS tokens' kept rows, then the next): every
+    token's own Top-K, exactly, for K from 0 to in, with and without bias, in the input's shape."""
+    n_in, n_out = shape
+    x = distinct_x(n_in, dtype, seed=13, batch=tokens)
+    w = make_weight(n_in, n_out, dtype)
+    b = torch.randn(n_out).to(dtype)
+    for k in sorted({0, 1, n_in // 3, n_in - 1, n_in}):
+        for bias in (None, b):
+            y = topk_gemv(x, w, bias, k)
+            assert y.shape == (*tokens, n_out) and y.dtype == dtype
+            assert_close_to_ref(y, reference(x, w, bias, k), torch.bfloat16 if dtype != torch.float32 else dtype)
+            torch.testing.assert_close(K.decode_topk_gemv(x, w, bias, k), y, rtol=0, atol=0)
+
+
+def test_several_tokens_read_only_their_kept_rows():
+    """A row no token of the batch keeps is never read: poisoning it (NaN) leaves the output finite and equal."""
+    x = torch.zeros(3, 64)
+    x[0, [1, 5, 9]] = torch.tensor([3.0, -2.0, 1.0])
+    x[1, [5, 20, 40]] = torch.tensor([1.0, 4.0, -1.5])
+    x[2, [9, 40, 63]] = torch.tensor([-2.5, 2.0, 0.5])
+    w = make_weight(64, 70, torch.float32)
+    poisoned = w.clone()
+    poisoned[[i for i in range(64) if i not in (1, 5, 9, 20, 40, 63)]] = float("nan")
+    y = topk_gemv(x, poisoned, None, 3)
+    torch.testing.assert_close(y, topk_gemv(x, w, None, 3))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, x @ w)
+
+
+def test_several_tokens_compile_and_autograd():
+    w = make_weight(128, 40, torch.float32)
+    b = torch.randn(40)
+    x = torch.randn(4, 128)
+    torch.library.opcheck(torch.ops.rotsparse.topk_gemv.default, (x, w, b, 50))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: topk_gemv(t, w, b, 50), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), reference(x, w, b, 50).float())
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    topk_gemv(xg, wg, bg, 50).square().sum().backward()
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    mask = (topk_mask(x, 50) != 0).float()
+    ((x2 * mask) @ w2 + b2).square().sum().backward()
+    for got, want in ((xg.grad, x2.grad), (wg.grad, w2.grad), (bg.grad, b2.grad)):
+        torch.testing.assert_close(got, want)
 
 
 def test_kernel_backend_values():
@@ -301,7 +376,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="keep_k"):
         topk_gemv(x, w, None, 4.0)
     with pytest.raises(ValueError, match="one token"):
-        topk_gemv(torch.randn(2, 32), w, None, 4)
+        index_gemv(torch.randn(2, 32), torch.tensor([0]), w)
     with pytest.raises(ValueError, match="shape mismatch"):
         topk_gemv(torch.randn(31), w, None, 4)
     with pytest.raises(ValueError, match="bias"):

@@ -49,10 +49,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .build import NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
+from .build import BATCH_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
 from .reference import RESIDUAL_GROUP, check_keep_k, to_input_major, topk_mask
 
 __all__ = [
+    "BATCH_TOKENS",
     "build_extension",
     "dense_gemv",
     "index_gemv",
@@ -69,7 +70,8 @@ __all__ = [
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_contiguous: bool = True) -> None:
+def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_contiguous: bool = True,
+                     several_tokens: bool = False) -> None:
     if not isinstance(x, Tensor) or not isinstance(weight_t, Tensor):
         raise TypeError("x and weight_t must be tensors")
     if weight_t.dim() != 2:
@@ -93,10 +95,10 @@ def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_
             f"shape mismatch: x has {x.shape[-1]} features, weight_t expects in={n_in} "
             f"(x {tuple(x.shape)}, weight_t {tuple(weight_t.shape)})"
         )
-    if x.numel() != n_in:
+    if x.numel() != n_in and not several_tokens:
         raise ValueError(
-            f"topk_gemv handles exactly one token (x of shape (in,), (1, in) or (1, 1, in)); "
-            f"got x of shape {tuple(x.shape)}. Use topk_mask(x, k) @ weight_t for several tokens."
+            f"index_gemv and dense_gemv handle exactly one token (x of shape (in,), (1, in) or (1, 1, in)); "
+            f"got x of shape {tuple(x.shape)}. Use topk_gemv for several tokens."
         )
     if bias is not None:
         if not isinstance(bias, Tensor):
@@ -110,10 +112,15 @@ def _check_gemv_args(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], check_
 
 
 def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Fused Top-K + sparse GEMV for ONE token.
+    """Fused Top-K + sparse GEMV, per token.
+
+    One token reads only its kept rows of ``weight_t``. Several tokens (a batched decode step, a short
+    prompt) are taken up to `BATCH_TOKENS` at a time: every token's Top-K, then one pass over the union of
+    their kept rows, each row read once for all of them (the C++ kernel; elsewhere the masked product).
 
     Args:
-        x: (in,), (1, in) or (1, 1, in); float32 / bfloat16 (float16 also works).
+        x: (..., in): one token ((in,), (1, in), (1, 1, in)) or several; float32 / bfloat16 (float16 also
+            works).
         weight_t: (in, out), contiguous, same dtype and device as ``x``
             (the transpose of an ``nn.Linear`` weight).
         bias: (out,) or None.
@@ -123,7 +130,7 @@ def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) 
         ``x.shape[:-1] + (out,)`` tensor of ``x.dtype``, equal (up to float
         rounding, float32 accumulation) to ``topk_mask(x, keep_k) @ weight_t + bias``.
     """
-    _check_gemv_args(x, weight_t, bias)
+    _check_gemv_args(x, weight_t, bias, several_tokens=True)
     keep_k = check_keep_k(keep_k, weight_t.shape[0])
     if _eager_fast_path(x, weight_t, bias):
         # Same computation as the custom op, minus its ~25 us of Python dispatch.
@@ -133,7 +140,7 @@ def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) 
 
 def decode_topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     """:func:`topk_gemv` for callers whose arguments are consistent by construction (a `TopKLinear`'s decode
-    step, a residual rotation): plain CPU tensors of one native dtype in eager mode go straight to the C++
+    step, one token or a few, a residual rotation): plain CPU tensors of one native dtype in eager mode go straight to the C++
     kernel (which still checks shapes), skipping the Python validation; anything else is `topk_gemv`."""
     if (x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and weight_t.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and _eager_fast_path(x, weight_t, bias)):

@@ -22,7 +22,7 @@ def topk_gemv_dispatch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep
             ext = cpp_ext()
             if ext is not None:
                 return ext.topk_gemv(x, weight_t, bias, int(keep_k))
-        elif x.device.type == "cuda" and triton_available():
+        elif x.device.type == "cuda" and triton_available() and x.numel() == weight_t.shape[0]:
             return triton_gemv.topk_gemv_triton(x, weight_t, bias, int(keep_k))
     return topk_gemv_torch(x, weight_t, bias, int(keep_k))
 
@@ -190,9 +190,9 @@ def _topk_gemv_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         gx = (grad @ weight_t.t()) * mask
     if ctx.needs_input_grad[1]:
-        gw = (x * mask).reshape(-1, 1) @ grad.reshape(1, -1)
+        gw = (x * mask).reshape(-1, n).t() @ grad.reshape(-1, weight_t.shape[1])
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = grad.reshape(-1)
+        gb = grad.reshape(-1, weight_t.shape[1]).sum(0)
     return gx, gw, gb, None
 
 

@@ -23,10 +23,38 @@ def check_keep_k(keep_k, n: int) -> int:
     return keep_k
 
 
+def magnitude_keys(x: Tensor) -> Tensor:
+    """Integers ordered as |x| (NaN above +inf): the bit patterns of |x|, the order every kernel selects by."""
+    magnitude = x.detach().abs()
+    if magnitude.dtype in (torch.bfloat16, torch.float16):
+        return magnitude.view(torch.int16)
+    if magnitude.dtype == torch.float64:
+        return magnitude.view(torch.int64)
+    return magnitude.float().view(torch.int32)
+
+
+def topk_keep(x: Tensor, keep_k: int) -> Tensor:
+    """Bool mask (..., in) of the `keep_k` largest |x| of every token (last dim), 1 <= keep_k <= in: exactly
+    `keep_k` per token, ties at the threshold to the lowest indices, as the C++ and Triton kernels break them (so
+    every path keeps the same entries)."""
+    keys, n = magnitude_keys(x), x.shape[-1]
+    if keys.dtype == torch.int16 and n <= 1 << 16:  # 16-bit floats: distinct keys (|x| bits, then lower index)
+        keys = keys.to(torch.int32) * n + torch.arange(n - 1, -1, -1, dtype=torch.int32, device=keys.device)
+        return keys >= keys.topk(keep_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    threshold = keys.topk(keep_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = keys > threshold
+    ties = keys == threshold
+    need = keep_k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    return above | (ties & (ties.cumsum(-1, dtype=torch.int32) <= need))
+
+
 def topk_select(x: Tensor, keep_k: int) -> Tensor:
-    """Indices (..., keep_k), unordered, of the `keep_k` largest |x| of every token (last dim); ties as
-    ``torch.topk`` breaks them. The one Top-K selection of the reference paths."""
-    return x.detach().abs().topk(keep_k, dim=-1, sorted=False).indices
+    """Indices (..., keep_k), ascending, of the entries `topk_keep` keeps. The one Top-K selection of the
+    reference paths."""
+    if keep_k == 0:
+        return torch.empty((*x.shape[:-1], 0), dtype=torch.long, device=x.device)
+    keep = topk_keep(x, keep_k)
+    return keep.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :keep_k].sort(dim=-1).values
 
 
 def topk_mask(x: Tensor, keep_k: int) -> Tensor:
@@ -35,7 +63,7 @@ def topk_mask(x: Tensor, keep_k: int) -> Tensor:
     x: (..., in), any number of tokens.  Returns a tensor of the same shape and
     dtype that is zero everywhere except, independently for every token, at
     the ``keep_k`` largest ``|x|`` entries (exactly ``keep_k`` per token; ties
-    broken by ``torch.topk``).  ``keep_k == 0`` gives zeros; ``keep_k == in``
+    to the lowest indices, as in the kernels).  ``keep_k == 0`` gives zeros; ``keep_k == in``
     returns ``x`` itself (no copy).  Differentiable through the kept entries.
     """
     if x.dim() == 0:
@@ -46,8 +74,7 @@ def topk_mask(x: Tensor, keep_k: int) -> Tensor:
         return x
     if keep_k == 0:
         return torch.zeros_like(x)
-    idx = topk_select(x, keep_k)
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    return torch.where(topk_keep(x, keep_k), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def topk_indices_torch(x1: Tensor, keep_k: int) -> Tensor:
@@ -55,7 +82,7 @@ def topk_indices_torch(x1: Tensor, keep_k: int) -> Tensor:
     n = x1.shape[-1]
     if keep_k == n:
         return torch.arange(n, device=x1.device)
-    return topk_select(x1, int(keep_k)).sort().values
+    return topk_select(x1, int(keep_k))
 
 
 def index_gemv_torch(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -71,8 +98,12 @@ def index_gemv_torch(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optiona
 
 
 def topk_gemv_torch(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Top-K + sparse GEMV of one token x (in,) with weight_t (in, out), in plain PyTorch."""
-    return index_gemv_torch(x, topk_indices_torch(x.reshape(weight_t.shape[0]), keep_k), weight_t, bias)
+    """Top-K + sparse GEMV of the tokens x (..., in) with weight_t (in, out), in plain PyTorch (one token: only
+    its kept rows; several: the masked product)."""
+    if x.numel() == weight_t.shape[0]:
+        return index_gemv_torch(x, topk_indices_torch(x.reshape(weight_t.shape[0]), keep_k), weight_t, bias)
+    output = topk_mask(x, keep_k) @ weight_t
+    return output if bias is None else output + bias
 
 
 def to_input_major(weight: Tensor) -> Tensor:

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -461,6 +462,254 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
         accumulate_tile<W>(acc, len, Wt, out, j0, rows, vals, n);
       },
       [&](int64_t j, float v) { io<W>::store(y + j, bias ? v + bias[j] : v); });
+}
+
+// ---------------------------------------------------------------------------
+// Several tokens at once (batched decode, short prompts):
+//   y[m, j] = sum_{i in TopK(|x_m|, k)} x_m[i] * Wt[i, j]  (+ bias[j]),  m < M
+// Per pass of at most RS_BATCH_TOKENS tokens: every token's Top-K, then one
+// stream over the union of their kept rows (`rows`, ascending), each read once
+// for all tokens: V (U, M) holds x_m[i] where token m keeps row i, else 0.
+// Threads split the output columns (tiles of at most RS_MAX_TILE_BYTES of a
+// row); RS_ROWS rows at a time stream over a tile in 32-column micro tiles
+// whose M x 32 float32 sums stay in registers (FMAs with the values broadcast
+// from V), so every weight vector is loaded and converted once for M tokens.
+// ---------------------------------------------------------------------------
+#ifndef RS_BATCH_PF
+#define RS_BATCH_PF 1  // prefetch the rows of the row group this many groups ahead (0: none)
+#endif
+#ifndef RS_BATCH_TOKENS
+#define RS_BATCH_TOKENS 8  // tokens per pass over the union of their kept rows
+#endif
+
+template <typename W, int M>
+void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_RESTRICT Wt, int64_t ldw, int64_t j0,
+                           const int64_t* RS_RESTRICT rows, const float* RS_RESTRICT V, int64_t U) {
+  // acc: M rows of `len` sums (stride len, len a multiple of 32); columns j0 + [0, len) of Wt, of which
+  // the first `valid` exist (the caller passes len rounded up; masked loads stop at the row's end).
+#if RS_AVX512
+  const int64_t valid = std::min<int64_t>(len, ldw - j0);
+  for (int64_t s = 0; s < U; s += RS_ROWS) {
+    const int64_t G = std::min<int64_t>(RS_ROWS, U - s);
+    for (int64_t j = 0; j < len; j += 32) {
+      const int64_t left = valid - j;
+      if (left <= 0) break;
+      const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : (left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1u));
+      __m512 a[M][2];
+      for (int m = 0; m < M; ++m) {
+        a[m][0] = _mm512_loadu_ps(acc + m * len + j);
+        a[m][1] = _mm512_loadu_ps(acc + m * len + j + 16);
+      }
+#if RS_BATCH_PF  // scattered rows streamed this slowly (M tokens' FMAs per vector) outrun the prefetchers
+      for (int64_t r = s + RS_BATCH_PF * RS_ROWS; r < std::min<int64_t>(U, s + (RS_BATCH_PF + 1) * RS_ROWS); ++r) {
+        const char* q = reinterpret_cast<const char*>(Wt + rows[r] * ldw + j0 + j);
+        RS_PREFETCH(q);
+        if (32 * sizeof(W) > 64) RS_PREFETCH(q + 64);
+      }
+#endif
+      for (int64_t r = 0; r < G; ++r) {
+        const W* p = Wt + rows[s + r] * ldw + j0 + j;
+        // Masked loads only in the row's last micro tile: they are several times slower on some CPUs.
+        const __m512 w0 = left >= 32 ? load16(p) : load16m(p, m0);
+        const __m512 w1 = left >= 32 ? load16(p + 16) : load16m(p + 16, m1);
+        const float* v = V + (s + r) * M;
+        for (int m = 0; m < M; ++m) {
+          const __m512 vb = _mm512_set1_ps(v[m]);
+          a[m][0] = _mm512_fmadd_ps(vb, w0, a[m][0]);
+          a[m][1] = _mm512_fmadd_ps(vb, w1, a[m][1]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        _mm512_storeu_ps(acc + m * len + j, a[m][0]);
+        _mm512_storeu_ps(acc + m * len + j + 16, a[m][1]);
+      }
+    }
+  }
+#else
+  const int64_t valid = std::min<int64_t>(len, ldw - j0);
+  for (int64_t u = 0; u < U; ++u) {
+    const W* p = Wt + rows[u] * ldw + j0;
+    for (int m = 0; m < M; ++m) {
+      const float v = V[u * M + m];
+      if (v == 0.f) continue;
+      float* a = acc + m * len;
+      for (int64_t j = 0; j < valid; ++j) a[j] += v * to_f32(p[j]);
+    }
+  }
+#endif
+}
+
+// bfloat16 weights (and so bfloat16 activations): rows in pairs through AVX512-BF16 dot products
+// (vdpbf16ps: two rows' exact products per float32 lane), half the instructions of one FMA per row.
+// P ((U + 1) / 2, M): the two bf16 values of token m for a pair of rows (the first row in the low half; 0 for
+// the missing second row of an odd U). Each 32-column micro tile keeps its sums in unpacklo/hi_epi16 order
+// (`bf16_pair_column`), put back in column order by `unpermute_bf16_pairs`.
+#if RS_AVX512 && defined(__AVX512BF16__)
+#define RS_BATCH_BF16_DOT 1
+#else
+#define RS_BATCH_BF16_DOT 0
+#endif
+static_assert(RS_ROWS % 2 == 0, "row groups hold whole pairs of rows");
+
+#if RS_BATCH_BF16_DOT
+template <int M>
+void accumulate_batch_tile_bf16(float* RS_RESTRICT acc, int64_t len, const bf16_t* RS_RESTRICT Wt, int64_t ldw,
+                                int64_t j0, const int64_t* RS_RESTRICT rows, const uint32_t* RS_RESTRICT P,
+                                int64_t U) {
+  const int64_t valid = std::min<int64_t>(len, ldw - j0);
+  for (int64_t s = 0; s < U; s += RS_ROWS) {
+    const int64_t G = std::min<int64_t>(RS_ROWS, U - s);
+    for (int64_t j = 0; j < len; j += 32) {
+      const int64_t left = valid - j;
+      if (left <= 0) break;
+      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      __m512 a[M][2];
+      for (int m = 0; m < M; ++m) {
+        a[m][0] = _mm512_loadu_ps(acc + m * len + j);
+        a[m][1] = _mm512_loadu_ps(acc + m * len + j + 16);
+      }
+#if RS_BATCH_PF
+      for (int64_t r = s + RS_BATCH_PF * RS_ROWS; r < std::min<int64_t>(U, s + (RS_BATCH_PF + 1) * RS_ROWS); ++r)
+        RS_PREFETCH(Wt + rows[r] * ldw + j0 + j);
+#endif
+      for (int64_t r = 0; r < G; r += 2) {
+        const bf16_t* p0 = Wt + rows[s + r] * ldw + j0 + j;
+        const bf16_t* p1 = r + 1 < G ? Wt + rows[s + r + 1] * ldw + j0 + j : p0;  // (its values are 0)
+        const __m512i w0 = left >= 32 ? _mm512_loadu_si512(p0) : _mm512_maskz_loadu_epi16(mask, p0);
+        const __m512i w1 = left >= 32 ? _mm512_loadu_si512(p1) : _mm512_maskz_loadu_epi16(mask, p1);
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+        const uint32_t* v = P + (s + r) / 2 * M;
+        for (int m = 0; m < M; ++m) {
+          const __m512bh vb = (__m512bh)_mm512_set1_epi32(static_cast<int>(v[m]));
+          a[m][0] = _mm512_dpbf16_ps(a[m][0], lo, vb);
+          a[m][1] = _mm512_dpbf16_ps(a[m][1], hi, vb);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        _mm512_storeu_ps(acc + m * len + j, a[m][0]);
+        _mm512_storeu_ps(acc + m * len + j + 16, a[m][1]);
+      }
+    }
+  }
+}
+#endif
+
+// Column (0..31) of a micro tile whose sum is at position i (0..31) after `accumulate_batch_tile_bf16`:
+// positions 0-15 (unpacklo) hold columns 0-3, 8-11, 16-19, 24-27; positions 16-31 (unpackhi) the others.
+inline int bf16_pair_column(int i) {
+  const int lane = i & 15;
+  return (lane >> 2) * 8 + (i >= 16 ? 4 : 0) + (lane & 3);
+}
+
+inline void unpermute_bf16_pairs(float* acc, int64_t len) {
+  float tmp[32];
+  for (int64_t j = 0; j < len; j += 32) {
+    for (int i = 0; i < 32; ++i) tmp[bf16_pair_column(i)] = acc[j + i];
+    std::memcpy(acc + j, tmp, sizeof(tmp));
+  }
+}
+
+// y[m, :] for M tokens (M <= RS_BATCH_TOKENS) over the union rows `rows` (U) with values V (U, M).
+template <typename W, int M>
+void batch_rows(const W* Wt, int64_t out, const int64_t* rows, const float* V, int64_t U, const float* bias,
+                W* y) {
+  constexpr int64_t kMicro = 32;
+  int nthreads = std::max(1, at::get_num_threads());
+  if (U * out * M < (int64_t(1) << 15)) nthreads = 1;
+  const int64_t blocks = (out + kMicro - 1) / kMicro;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, blocks));
+  const int64_t max_tile = std::max<int64_t>(kMicro, RS_MAX_TILE_BYTES / int64_t(sizeof(W)) / kMicro * kMicro);
+  std::vector<uint32_t> pairs;  // bfloat16 pairs of V (see accumulate_batch_tile_bf16)
+#if RS_BATCH_BF16_DOT
+  if constexpr (std::is_same_v<W, bf16_t>) {
+    auto bits = [](float v) {  // exact: V holds bfloat16 activations
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      return u >> 16;
+    };
+    pairs.assign(static_cast<size_t>((U + 1) / 2 * M), 0u);
+    for (int64_t q = 0; q < (U + 1) / 2; ++q)
+      for (int m = 0; m < M; ++m)
+        pairs[q * M + m] = bits(V[2 * q * M + m]) | (2 * q + 1 < U ? bits(V[(2 * q + 1) * M + m]) << 16 : 0u);
+  }
+#endif
+  auto body = [&](int t) {
+    const int64_t c0 = std::min(out, blocks * t / nthreads * kMicro);
+    const int64_t c1 = std::min(out, blocks * (t + 1) / nthreads * kMicro);
+    if (c0 >= c1) return;
+    std::vector<float> accv(static_cast<size_t>(M * max_tile));
+    float* acc = accv.data();
+    for (int64_t j0 = c0; j0 < c1; j0 += max_tile) {
+      const int64_t cols = std::min(max_tile, c1 - j0);
+      const int64_t len = (cols + kMicro - 1) / kMicro * kMicro;
+      std::memset(acc, 0, sizeof(float) * M * len);
+#if RS_BATCH_BF16_DOT
+      if constexpr (std::is_same_v<W, bf16_t>) {
+        accumulate_batch_tile_bf16<M>(acc, len, Wt, out, j0, rows, pairs.data(), U);
+        for (int m = 0; m < M; ++m) unpermute_bf16_pairs(acc + m * len, len);
+      } else {
+        accumulate_batch_tile<W, M>(acc, len, Wt, out, j0, rows, V, U);
+      }
+#else
+      accumulate_batch_tile<W, M>(acc, len, Wt, out, j0, rows, V, U);
+#endif
+      for (int m = 0; m < M; ++m)
+        for (int64_t j = 0; j < cols; ++j) {
+          const float v = acc[m * len + j];
+          io<W>::store(y + m * out + j0 + j, bias ? v + bias[j0 + j] : v);
+        }
+    }
+  };
+  run_threads(nthreads, body);
+}
+
+template <typename W>
+void batch_dispatch(int M, const W* Wt, int64_t out, const int64_t* rows, const float* V, int64_t U,
+                    const float* bias, W* y) {
+  switch (M) {
+    case 1: return batch_rows<W, 1>(Wt, out, rows, V, U, bias, y);
+    case 2: return batch_rows<W, 2>(Wt, out, rows, V, U, bias, y);
+    case 3: return batch_rows<W, 3>(Wt, out, rows, V, U, bias, y);
+    case 4: return batch_rows<W, 4>(Wt, out, rows, V, U, bias, y);
+    case 5: return batch_rows<W, 5>(Wt, out, rows, V, U, bias, y);
+    case 6: return batch_rows<W, 6>(Wt, out, rows, V, U, bias, y);
+    case 7: return batch_rows<W, 7>(Wt, out, rows, V, U, bias, y);
+    default: return batch_rows<W, 8>(Wt, out, rows, V, U, bias, y);
+  }
+}
+static_assert(RS_BATCH_TOKENS <= 8, "batch_dispatch instantiates up to 8 tokens per pass");
+
+// Tokens x[0..T) (each n values) -> y[0..T) (each out values), passes of RS_BATCH_TOKENS tokens.
+template <typename W>
+void topk_gemm_tokens(const W* x, int64_t T, int64_t n, int64_t keep_k, const W* Wt, int64_t out,
+                      const float* bias, W* y) {
+  std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
+  std::vector<float> xs(idx.size());
+  std::vector<float> V;
+  std::vector<int64_t> rows;
+  std::vector<uint8_t> used;
+  for (int64_t t0 = 0; t0 < T; t0 += RS_BATCH_TOKENS) {
+    const int M = static_cast<int>(std::min<int64_t>(RS_BATCH_TOKENS, T - t0));
+    V.assign(static_cast<size_t>(n * M), 0.f);
+    used.assign(static_cast<size_t>(n), 0);
+    for (int m = 0; m < M; ++m) {
+      const int64_t K = select_topk<W>(x + (t0 + m) * n, n, keep_k, idx.data(), xs.data());
+      for (int64_t s = 0; s < K; ++s) {
+        V[idx[s] * M + m] = xs[s];
+        used[idx[s]] = 1;
+      }
+    }
+    rows.clear();
+    for (int64_t i = 0; i < n; ++i) {  // compact to the union of kept rows (in place: rows.size() <= i)
+      if (!used[i]) continue;
+      const int64_t u = static_cast<int64_t>(rows.size());
+      if (u != i) std::memcpy(V.data() + u * M, V.data() + i * M, sizeof(float) * M);
+      rows.push_back(i);
+    }
+    batch_dispatch<W>(M, Wt, out, rows.data(), V.data(), static_cast<int64_t>(rows.size()), bias, y + t0 * out);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -941,7 +1190,7 @@ void dense_gemv_rows(const W* w, int64_t out, int64_t in, const float* x, const 
 
 // ------------------------------ validation ---------------------------------
 void check_common(const at::Tensor& x, const at::Tensor& weight_t,
-                  const std::optional<at::Tensor>& bias) {
+                  const std::optional<at::Tensor>& bias, bool several_tokens = false) {
   TORCH_CHECK(x.device().is_cpu() && weight_t.device().is_cpu(),
               "rotsparse topk_gemv (C++): tensors must be on the CPU");
   TORCH_CHECK(weight_t.dim() == 2, "weight_t must be 2-D (in, out), got ", weight_t.dim(), "-D");
@@ -951,8 +1200,13 @@ void check_common(const at::Tensor& x, const at::Tensor& weight_t,
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                   x.scalar_type() == at::kHalf,
               "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
-  TORCH_CHECK(x.numel() == weight_t.size(0), "x has ", x.numel(),
-              " elements (one token expected) but weight_t has in=", weight_t.size(0));
+  if (several_tokens) {
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight_t.size(0), "x has ", x.dim() ? x.size(-1) : 0,
+                " features but weight_t has in=", weight_t.size(0));
+  } else {
+    TORCH_CHECK(x.numel() == weight_t.size(0), "x has ", x.numel(),
+                " elements (one token expected) but weight_t has in=", weight_t.size(0));
+  }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu(), "bias must be on the CPU");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight_t.size(1), "bias must have shape (",
@@ -986,21 +1240,30 @@ at::Tensor topk_gemv_impl(const at::Tensor& x, const at::Tensor& weight_t,
                              const std::optional<at::Tensor>& bias, int64_t keep_k) {
   const int64_t n = weight_t.size(0), out = weight_t.size(1);
   at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(out_shape(x, out), x.options());
+  const int64_t tokens = n ? x.numel() / n : 0;
+  if (tokens != 1) {
+    at::Tensor b32;
+    if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
+    topk_gemm_tokens<W>(reinterpret_cast<const W*>(xc.data_ptr()), tokens, n, keep_k,
+                        reinterpret_cast<const W*>(weight_t.data_ptr()), out,
+                        b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<W*>(y.data_ptr()));
+    return y;
+  }
   std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
   std::vector<float> xs(idx.size());
   const int64_t K =
       select_topk<W>(reinterpret_cast<const W*>(xc.data_ptr()), n, keep_k, idx.data(), xs.data());
-  at::Tensor y = at::empty(out_shape(x, out), x.options());
   run_gemv<W>(weight_t, bias, idx.data(), xs.data(), K, y);
   return y;
 }
 
 }  // namespace
 
-// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] (+ bias).
+// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] (+ bias), per token of x (..., in).
 at::Tensor topk_gemv(const at::Tensor& x, const at::Tensor& weight_t,
                         const std::optional<at::Tensor>& bias, int64_t keep_k) {
-  check_common(x, weight_t, bias);
+  check_common(x, weight_t, bias, /*several_tokens=*/true);
   TORCH_CHECK(keep_k >= 0 && keep_k <= weight_t.size(0), "keep_k=", keep_k,
               " out of range [0, ", weight_t.size(0), "]");
   switch (x.scalar_type()) {
