@@ -6,7 +6,7 @@ come from DRAM, as in decoding):
 
 * ``torch dense``  -- ``F.linear(x, W)``, W (out, in) contiguous: a dense Hugging Face model's linear
 * ``masked s``     -- ``F.linear(topk_mask(x, K), weight_t.t())``: what a `TopKLinear` ran for more than one token
-  before the batched kernel, and still runs above ``kernels.BATCH_TOKENS`` tokens (its weight is input-major)
+  before the batched kernel, and still runs above ``kernels.KERNEL_MAX_TOKENS`` tokens (its weight is input-major)
 * ``kernel dense`` -- ``topk_gemv(x, weight_t, None, in)``: rotsparse's kernel at K = in
 * ``kernel s``     -- ``topk_gemv(x, weight_t, None, K)``, K = round(in * (1 - s)): every token's Top-K, one pass
   over the union of the M tokens' kept rows (up to 8 tokens per pass)
@@ -29,18 +29,22 @@ import sys
 
 import torch
 
-from rotsparse.kernels import BATCH_TOKENS, build_extension, topk_gemv, topk_indices, topk_mask
+from rotsparse.kernels import build_extension, topk_gemv, topk_indices, topk_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernel import LLAMA2_7B_SHAPES, llc_bytes, quantized_header, time_interleaved  # noqa: E402
 
 
+PASS_TOKENS = 8
+"""Tokens per pass of the C++ kernel over the union of their kept rows."""
+
+
 def union_share(x: torch.Tensor, keep_k: int) -> float:
-    """Mean over passes of BATCH_TOKENS tokens of |union of their kept rows| / in."""
+    """Mean over passes of PASS_TOKENS tokens of |union of their kept rows| / in."""
     shares = []
-    for start in range(0, x.shape[0], BATCH_TOKENS):
+    for start in range(0, x.shape[0], PASS_TOKENS):
         rows = set()
-        for token in x[start:start + BATCH_TOKENS]:
+        for token in x[start:start + PASS_TOKENS]:
             rows.update(topk_indices(token, keep_k).tolist())
         shares.append(len(rows) / x.shape[1])
     return statistics.mean(shares)
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
     parser.add_argument("--reps", type=int, default=10, help="passes over the weight pool per method")
     parser.add_argument("--pool-factor", type=float, default=3.0, help="weight pool size / last-level cache")

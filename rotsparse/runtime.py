@@ -29,8 +29,8 @@ ROTATION_BUFFER = "rotsparse_output_rotation"
 class TopKLinear(nn.Linear):
     """Linear that keeps only the `keep_k` largest-magnitude inputs of each token.
 
-    Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set, and so do
-    up to `kernels.BATCH_TOKENS` tokens on the CPU (batched decode, short prompts: one pass over the union of
+    Single-token inference (batch-1 decode) goes through the sparse kernel when `use_kernel` is set, and so do up
+    to `kernels.KERNEL_MAX_TOKENS` tokens on the CPU (batched decode, short prompts: passes over the union of
     their kept rows); everything else (longer prefills, training) runs the dense-masked path, which computes
     the same function.
     With a residual copy (`attach_residual`) the dropped inputs add ``residual_weight @ (x - topk(x))``, in the
@@ -71,10 +71,10 @@ class TopKLinear(nn.Linear):
                 and not self.training and not (self.residual_bits and self.block_size))
 
     def _is_batched_step(self, x: torch.Tensor) -> bool:
-        """A few tokens (2 to `kernels.BATCH_TOKENS`: a batched decode step, a short prompt) in inference, plain
-        Top-K: the kernel reads the union of their kept rows once instead of the masked product's every row."""
+        """A few tokens (2 to `kernels.KERNEL_MAX_TOKENS`: a batched decode step, a short prompt) in inference,
+        plain Top-K: the kernel reads the union of their kept rows instead of the masked product's every row."""
         return (self.use_kernel and not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
-                and self.in_features < x.numel() <= kernels.BATCH_TOKENS * self.in_features
+                and self.in_features < x.numel() <= kernels.KERNEL_MAX_TOKENS * self.in_features
                 and not (self.residual_bits or self.block_size or self.l2_rescale))
 
     def attach_residual(self, bits: int) -> None:
@@ -407,12 +407,12 @@ def apply_topk_options(model: nn.Module, config: SparsifyConfig) -> None:
 
 
 def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x (..., d) @ rotation (d, d); in inference a single token, or up to `kernels.BATCH_TOKENS` on the CPU, go
-    through the decode kernel at K = d."""
+    """x (..., d) @ rotation (d, d); in inference a single token, or up to `kernels.KERNEL_MAX_TOKENS` on the
+    CPU, go through the decode kernel at K = d."""
     rotation = rotation.to(x.dtype)
     tokens = x.numel() // rotation.shape[0]
     if (not torch.is_grad_enabled() and rotation.is_contiguous()
-            and (tokens == 1 or (x.device.type == "cpu" and 1 < tokens <= kernels.BATCH_TOKENS))):
+            and (tokens == 1 or (x.device.type == "cpu" and 1 < tokens <= kernels.KERNEL_MAX_TOKENS))):
         return kernels.decode_topk_gemv(x, rotation, None, rotation.shape[0])
     return x @ rotation
 

@@ -132,11 +132,11 @@ def sparse_linear(x: torch.Tensor, weights_t: list[torch.Tensor], biases: list[t
                   groups: tuple[tuple[int, int, int], ...], sparsity: LinearSparsity) -> torch.Tensor:
     """y (tokens, out) of x (tokens, in) through output groups (`slice_groups`) of input-major weights
     weights_t[g] (in, rows of g), each reading the Top-K of x with its K. One token with plain Top-K: the
-    fused Top-K GEMV kernel, and so up to `kernels.BATCH_TOKENS` tokens on the CPU (one pass over the union
+    fused Top-K GEMV kernel, and so up to `kernels.KERNEL_MAX_TOKENS` tokens on the CPU (passes over the union
     of their kept rows); otherwise the masked dense product."""
     plain = not sparsity.block_size and not sparsity.l2_rescale and not torch.is_grad_enabled()
     tokens = x.numel() // sparsity.width
-    cpu_kernel = x.device.type == "cpu" and 1 <= tokens <= kernels.BATCH_TOKENS  # (K = in: the dense kernel)
+    cpu_kernel = x.device.type == "cpu" and 1 <= tokens <= kernels.KERNEL_MAX_TOKENS  # (K = in: the dense kernel)
     outputs = []
     for weight_t, bias, (_, _, keep_k) in zip(weights_t, biases, groups):
         if plain and (cpu_kernel or (tokens == 1 and keep_k < sparsity.width)):

@@ -132,7 +132,7 @@ def _explain(model, tokens: torch.Tensor, cache, position: int, length: int):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparsified_model_traces_without_graph_breaks_and_decodes_through_the_kernels(family):
     model = _rotated_sparse(family)
-    long = kernels.BATCH_TOKENS + 2
+    long = kernels.KERNEL_MAX_TOKENS + 2
     tokens = random_tokens(num_sequences=1, length=long)
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
     torch._dynamo.reset()
@@ -146,7 +146,7 @@ def test_sparsified_model_traces_without_graph_breaks_and_decodes_through_the_ke
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in get_family(model).layers)
     assert rotations == len(get_family(model).layers) - 1 > 0
     assert _graph_ops(decode.graphs[0]) == {"rotsparse.topk_gemv": sites + rotations, "rotsparse.dense_gemv": 1}
-    assert PROMPT <= kernels.BATCH_TOKENS  # a short prompt: the kernels too (the head runs F.linear)
+    assert PROMPT <= kernels.KERNEL_MAX_TOKENS  # a short prompt: the kernels too (the head runs F.linear)
     assert _graph_ops(prefill.graphs[0]) == {"rotsparse.topk_gemv": sites + rotations}
     assert _graph_ops(long_prefill.graphs[0]) == {}  # more tokens: the dense-masked path
 
@@ -215,16 +215,16 @@ def test_residual_copy_decodes_through_its_kernel_in_one_graph():
 
 
 def test_dynamic_shapes_long_prompts_take_the_masked_path_and_small_batches_the_kernels():
-    """dynamic=True: prompts of several lengths share one prefill graph; a batch-2 prompt (more than
-    kernels.BATCH_TOKENS tokens) runs the dense-masked path, a batch of two decodes through the kernels (two
-    tokens per call), a batch of one too (the head as well); all equal eager."""
+    """dynamic=True: prompts of several lengths share one prefill graph; a batch-3 prompt (more than
+    kernels.KERNEL_MAX_TOKENS tokens) runs the dense-masked path, a batch of three decodes through the kernels
+    (three tokens per call), a batch of one too (the head as well); all equal eager."""
     model = _rotated_sparse("qwen2")
-    batch = random_tokens(num_sequences=2, length=PROMPT + STEPS)
+    batch = random_tokens(num_sequences=3, length=PROMPT + STEPS)
     expected = _decode(model, model, batch)
     sites = sum(isinstance(m, TopKLinear) for m in model.modules())
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + 4)
-    assert 2 * PROMPT > kernels.BATCH_TOKENS
+    assert 3 * PROMPT > kernels.KERNEL_MAX_TOKENS
     assert _graph_ops(_explain(model, batch, cache, 0, PROMPT).graphs[0]) == {}
     assert _graph_ops(_explain(model, batch, cache, PROMPT, 1).graphs[0]) == {"rotsparse.topk_gemv": sites + 1}
     graphs = []
@@ -238,8 +238,8 @@ def test_dynamic_shapes_long_prompts_take_the_masked_path_and_small_batches_the_
     for a, e in zip(_decode(model, model, batch), expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     batch_graphs = len(graphs)
-    assert batch_graphs >= 2 and _graph_ops(graphs[0]) == {}  # the batch-2 prompt
-    assert _graph_ops(graphs[-1]) == {"rotsparse.topk_gemv": sites + 1}  # batch-2 decode
+    assert batch_graphs >= 2 and _graph_ops(graphs[0]) == {}  # the batch-3 prompt
+    assert _graph_ops(graphs[-1]) == {"rotsparse.topk_gemv": sites + 1}  # batch-3 decode
     single = random_tokens(num_sequences=1, length=PROMPT + STEPS)
     for a, e in zip(_decode(model, model, single), _decode(eager_forward(model), model, single)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

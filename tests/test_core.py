@@ -294,7 +294,7 @@ def test_calibration_memory_grows_with_one_layer_not_with_depth():
 
 
 def test_a_few_tokens_take_the_kernel_and_equal_the_masked_path(monkeypatch):
-    """Up to kernels.BATCH_TOKENS tokens in inference (a batched decode step, a short prompt) go through the
+    """Up to kernels.KERNEL_MAX_TOKENS tokens in inference (a batched decode step, a short prompt) go through the
     sparse kernel, more through the masked product; both compute every token's own Top-K."""
     from rotsparse import kernels
 
@@ -304,12 +304,12 @@ def test_a_few_tokens_take_the_kernel_and_equal_the_masked_path(monkeypatch):
     monkeypatch.setattr(kernels, "decode_topk_gemv", lambda x, *rest: calls.append(x.shape) or real(x, *rest))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for shape in [(1, 1, 64), (2, 1, 64), (8, 64), (2, 4, 64), (9, 64), (3, 5, 64)]:
+        for shape in [(1, 1, 64), (2, 1, 64), (9, 64), (2, 8, 64), (17, 64), (3, 6, 64)]:
             x = torch.randn(shape, generator=generator)
             calls.clear()
             output = module(x)
             tokens = x.numel() // 64
-            assert calls == ([torch.Size(shape)] if tokens <= kernels.BATCH_TOKENS else [])
+            assert calls == ([torch.Size(shape)] if tokens <= kernels.KERNEL_MAX_TOKENS else [])
             expected = torch.nn.functional.linear(keep_topk(x, 20), module.weight, module.bias)
             torch.testing.assert_close(output, expected)
     module.train()

@@ -246,7 +246,7 @@ def test_decode_topk_gemv_equals_topk_gemv(dtype):
 @pytest.mark.parametrize("shape", [(576, 1536), (1000, 37), (13, 5), (96, 40), (300, 1030)], ids=str)
 @pytest.mark.parametrize("tokens", [(2,), (3,), (2, 4), (9,), (17,)], ids=str)
 def test_several_tokens_equal_the_masked_product(dtype, shape, tokens):
-    """Several tokens (one pass over the union of up to BATCH_TOKENS tokens' kept rows, then the next): every
+    """Several tokens (one pass over the union of up to 8 tokens' kept rows, then the next): every
     token's own Top-K, exactly, for K from 0 to in, with and without bias, in the input's shape."""
     n_in, n_out = shape
     x = distinct_x(n_in, dtype, seed=13, batch=tokens)

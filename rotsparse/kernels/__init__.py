@@ -49,11 +49,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .build import BATCH_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
+from .build import KERNEL_MAX_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
 from .reference import RESIDUAL_GROUP, check_keep_k, to_input_major, topk_mask
 
 __all__ = [
-    "BATCH_TOKENS",
+    "KERNEL_MAX_TOKENS",
     "build_extension",
     "dense_gemv",
     "index_gemv",
@@ -115,8 +115,8 @@ def topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k: int) 
     """Fused Top-K + sparse GEMV, per token.
 
     One token reads only its kept rows of ``weight_t``. Several tokens (a batched decode step, a short
-    prompt) are taken up to `BATCH_TOKENS` at a time: every token's Top-K, then one pass over the union of
-    their kept rows, each row read once for all of them (the C++ kernel; elsewhere the masked product).
+    prompt) are taken 8 at a time: every token's Top-K, then one pass over the union of their kept rows, each
+    row read once for all of them (the C++ kernel; elsewhere the masked product).
 
     Args:
         x: (..., in): one token ((in,), (1, in), (1, 1, in)) or several; float32 / bfloat16 (float16 also

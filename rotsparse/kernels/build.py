@@ -16,10 +16,10 @@ _EXT_NAME = "rotsparse_topk_gemv"
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topk_gemv.cpp")
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Dtypes the native (C++ / Triton) kernels handle; anything else runs the PyTorch reference."""
-BATCH_TOKENS = 8
-"""Tokens the C++ `topk_gemv` takes in one pass over the union of their kept rows (``RS_BATCH_TOKENS`` in
-topk_gemv.cpp): up to this many tokens per call, the sparse modules take the kernel instead of the masked
-product (eval/results/batch_kernel.md)."""
+KERNEL_MAX_TOKENS = 16
+"""Up to this many tokens per call (a batched decode step, a short prompt) the sparse modules on the CPU take the
+C++ `topk_gemv` (passes of 8 tokens, each over the union of their kept rows) instead of the masked product; it
+beats the masked product up to about 32 tokens and loses at 64 (eval/results/batch_kernel.md)."""
 
 
 def _build_flag_sets() -> list[tuple[list[str], list[str]]]:
