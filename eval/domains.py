@@ -56,6 +56,7 @@ EXTRA_VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
     "wina-no-vrot": ("auto", AutoOptions(rotations=("identity",), allocation="uniform", value_rotation=False), None),
     "auto-uniform": ("auto", AutoOptions(allocation="uniform"), None),
     "auto-identity-per-site": ("auto", AutoOptions(rotations=("identity",), per_reader=False), None),
+    "auto-per-layer": ("auto", AutoOptions(allocation="layer"), None),  # TEAL's budget: every layer at s
     "auto-identity-no-vrot-per-site": ("auto", AutoOptions(rotations=("identity",), per_reader=False,
                                                            value_rotation=False), None),
     "wina+larosa-coef": ("auto", AutoOptions(rotations=("identity",), allocation="uniform"), (0.8, 1.2, 0.8, 1.2)),

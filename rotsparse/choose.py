@@ -4,6 +4,8 @@ value-head rotation, and K per reader linear (the budget of `rotsparse.budget`),
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .budget import allocate_by_error, allocate_keep_k, weights_kept
@@ -34,11 +36,12 @@ def choose(calibration: Calibration, reader_sizes, sparsity: float, coefficients
     for round_index in range(rounds):
         previous = choice
         choice = _choose_rotations(layers, keep_k, reader_sizes, price, options)
-        if options.allocation != "error" or (round_index > 0 and choice == previous):
+        if options.allocation == "uniform" or (round_index > 0 and choice == previous):
             break
         curves = [[layer.curves["h1"][index], _value_curve(layer), layer.curves["h3"][index], layer.curves["h4"][0]]
                   for layer, index in zip(layers, choice)]
-        keep_k, price = _allocate(curves, reader_sizes, sparsity, options.per_reader)
+        allocate = _allocate_per_layer if options.allocation == "layer" else _allocate
+        keep_k, price = allocate(curves, reader_sizes, sparsity, options.per_reader)
     return choice, keep_k
 
 
@@ -70,6 +73,14 @@ def _allocate(curves, reader_sizes, sparsity: float, per_reader: bool) -> tuple[
         keep_k.append(tuple(tuple(next(remaining) for _ in sizes) if per_reader else (next(remaining),) * len(sizes)
                             for sizes in layer_sizes))
     return tuple(keep_k), price
+
+
+def _allocate_per_layer(curves, reader_sizes, sparsity: float, per_reader: bool) -> tuple[ReaderKeepK, float]:
+    """`_allocate` within each layer, every layer at `sparsity` (TEAL's budget: the same sparsity in every layer,
+    spread over a layer's linears by their errors); the price is the median of the layers' prices."""
+    parts = [_allocate([layer_curves], [layer_sizes], sparsity, per_reader)
+             for layer_curves, layer_sizes in zip(curves, reader_sizes)]
+    return tuple(layer_k for keep_k, _ in parts for layer_k in keep_k), statistics.median(p for _, p in parts)
 
 
 def _value_curve(layer: LayerCalibration) -> torch.Tensor:

@@ -58,7 +58,9 @@ class AutoOptions:
         sinks' massive activations unrotated: `sink_preserving_rotation`), "pca_scaled" (the attention norm's
         output), "run<G>" (one basis per run of G consecutive layers: `pca_sink` of the run's summed moments,
         so residual rotations sit only between runs). scaling: fold WINA column-norm scales.
-    allocation: "error" (per-layer per-site from error curves) or "uniform" (the config's coefficients).
+    allocation: "error" (per-layer per-site from error curves, one budget for the whole model), "layer" (the
+        same within each layer, every layer at the requested sparsity: TEAL's budget) or "uniform" (the config's
+        coefficients).
     charge_rotations: with error allocation, rotations pay for the weights they add at run time (residual
         rotations where neighbouring bases differ, output rotations) at the allocation's price per kept weight.
     loss_weighted: weigh every linear output by its loss sensitivity (`loss_sensitivity`), in the WINA scales
@@ -78,8 +80,8 @@ class AutoOptions:
     rotations: tuple[str, ...] = _field(("identity",), "candidate residual bases per layer (all of them: "
                                         + " ".join(IN_DOMAIN_ROTATIONS) + ")", metavar="NAME")
     scaling: bool = _field(True, "fold WINA column-norm scales")
-    allocation: str = _field("error", "K from calibrated error curves, or uniform by site coefficients",
-                             choices=lambda: ("error", "uniform"))
+    allocation: str = _field("error", "K from calibrated error curves (over the model, or per layer), or uniform "
+                             "by site coefficients", choices=lambda: ("error", "layer", "uniform"))
     loss_weighted: bool = _field(True, "weigh every linear output by its loss sensitivity")
     charge_rotations: bool = _field(True, "rotations pay for the weights they add at run time")
     value_rotation: bool = _field(True, "offer a PCA rotation of every value head per layer")
@@ -93,8 +95,8 @@ class AutoOptions:
         if unknown or not self.rotations or len(set(self.rotations)) != len(self.rotations):
             raise ValueError(f"rotation candidates must be distinct names from {ROTATION_CANDIDATES} (G >= 2), got "
                              f"{self.rotations}")
-        if self.allocation not in ("error", "uniform"):
-            raise ValueError(f"allocation must be 'error' or 'uniform', got {self.allocation!r}")
+        if self.allocation not in ("error", "layer", "uniform"):
+            raise ValueError(f"allocation must be 'error', 'layer' or 'uniform', got {self.allocation!r}")
         if self.value_rotation and self.scaling and not self.loss_weighted:
             raise ValueError("value_rotation with scaling needs loss_weighted=True (or pass value_rotation=False)")
 

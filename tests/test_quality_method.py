@@ -525,3 +525,36 @@ def test_calibration_and_folding_never_copy_to_the_host(monkeypatch, rotations):
     rotsparse.sparsify(model, sparsity=0.5, options=AutoOptions(rotations=rotations),
                        calibration=random_tokens(num_sequences=6, seed=7), progress=False)
     assert model.rotsparse_plan.effective_sparsity > 0.4
+
+
+def test_per_layer_allocation_puts_every_layer_at_the_budget():
+    """allocation="layer" (TEAL's budget): a layer whose errors are cheap keeps as many weights as a costly one,
+    each at the requested sparsity, spread over its sites by their errors; "error" moves weights to the costly
+    layer and reaches a lower summed error."""
+    keep = torch.arange(101, dtype=torch.float64)
+    costly, cheap = 1 - keep / 100, (1 - keep / 100).pow(6)
+    sizes = (((100, 10000),), ((100, 10000),), ((100, 20000),), ((100, 40000),))
+
+    def layer(curve, h4):
+        return LayerCalibration([None], {"h1": [curve[None]], "h2": [curve[None]], "h3": [curve[None]],
+                                         "h4": [h4[None]]}, {})
+
+    layers = [layer(costly, costly), layer(cheap, costly)]
+    per_layer_params = sum(params for site in sizes for _, params in site)
+    errors = {}
+    for allocation in ("layer", "error"):
+        calibration = Calibration("auto", AutoOptions(allocation=allocation, value_rotation=False), layers, 0, 0.0,
+                                  0.0)
+        _, keep_k = choose(calibration, [sizes] * 2, 0.5, (1.0,) * 4)
+        kept = [sum(site_k[0] * site[0][1] / site[0][0] for site_k, site in zip(layer_k, sizes)) for layer_k in keep_k]
+        errors[allocation] = sum(float(curve[k[0]]) for lay, layer_k in zip(layers, keep_k)
+                                 for site, k in zip(SITES, layer_k) for curve in lay.curves[site][0][:1])
+        if allocation == "layer":
+            for weights in kept:
+                assert 0.5 <= 1 - weights / per_layer_params <= 0.5 + 4 * 400 / per_layer_params
+            assert keep_k[1][3][0] < keep_k[0][3][0] or keep_k[1][0][0] < keep_k[0][0][0]
+        else:
+            assert kept[0] > kept[1] + 0.05 * per_layer_params
+    assert errors["error"] < errors["layer"]
+    with pytest.raises(ValueError, match="allocation must be"):
+        AutoOptions(allocation="greedy")
