@@ -42,6 +42,10 @@ from rotsparse.api import calibrate, sparsify
 from rotsparse.config import IN_DOMAIN_ROTATIONS, AutoOptions, SparsifyConfig
 
 RESULTS = Path(__file__).parent / "results"
+SELECTION = "ties-to-lowest-index"
+"""The Top-K rule the records were measured with (`kernels.reference.topk_keep`); Top-K gaps and dense
+perplexities are reused only from records of the same rule (earlier records, without the field, broke ties as
+torch.topk does, which moves Top-K's gaps by up to about a tenth)."""
 
 # every residual-basis candidate `auto` can be offered (the calibration that every variant here restricts)
 FULL_ROTATIONS = IN_DOMAIN_ROTATIONS
@@ -129,7 +133,7 @@ def main(argv=None) -> None:
         render(args.out, args.markdown)
 
     previous = [r for r in load_records(args.out) if r["model"] == args.model and r["eval_tokens_requested"]
-                == args.eval_tokens]
+                == args.eval_tokens and r.get("selection") == SELECTION]
     dense_ppl = {}
     for domain in args.eval_domains:
         earlier = [r for r in previous if r["eval_domain"] == domain]
@@ -172,7 +176,7 @@ def main(argv=None) -> None:
                        "residual_bases": list(plan.residual_bases), "check_losses": dict(plan.check_losses),
                        "calibration_seconds": None if calibrated is None else calibrated.seconds,
                        "sparsify_seconds": sparsify_seconds, "eval_seconds": time.perf_counter() - started,
-                       "commit": commit, "command": command, **extra})
+                       "commit": commit, "command": command, "selection": SELECTION, **extra})
             del model
 
     for name in args.methods:

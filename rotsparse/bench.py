@@ -8,6 +8,7 @@ on weight values, so they stand in for the real models.
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -123,6 +124,9 @@ class DecodeRunner:
         module = get_family(model).decoder if layers_only else model
         self.static = compile_options is not None
         self.prefill = self.step = module
+        # the cache's keyword: `cache` in newer transformers, where `past_key_values` is deprecated
+        self.cache_keyword = "cache" if "cache" in inspect.signature(type(module).forward).parameters \
+            else "past_key_values"
         if self.static and layers_only:
             self.step = compile_function(module.__call__, **compile_options)
         elif self.static:
@@ -137,7 +141,7 @@ class DecodeRunner:
         else:
             cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            self.prefill(input_ids=prompt, past_key_values=cache, use_cache=True)
+            self.prefill(input_ids=prompt, use_cache=True, **{self.cache_keyword: cache})
         return [cache, prompt.shape[1]]
 
     def step_ms(self, token: torch.Tensor, state) -> float:
@@ -148,7 +152,7 @@ class DecodeRunner:
         with torch.no_grad():
             synchronize()
             start = time.perf_counter()
-            self.step(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+            self.step(input_ids=token, use_cache=True, **{self.cache_keyword: cache}, **extra)
             synchronize()
             elapsed = (time.perf_counter() - start) * 1000
         state[1] = position + 1
