@@ -8,6 +8,10 @@ row, and compute::
 
     y[j] = sum_{i in TopK(|x|, K)} x[i] * weight_t[i, j]  (+ bias[j])
 
+``topk_gemv`` also takes several tokens (..., in): each keeps its own Top-K, and
+the C++ kernel streams the union of up to 8 tokens' kept rows once for all of
+them (the sparse modules call it for up to ``KERNEL_MAX_TOKENS`` tokens).
+
 Backends (picked per call, see :func:`kernel_backend`):
 
 * ``"cpp"``    -- CPU: fused select + gather-GEMV in C++/OpenMP (AVX-512 when

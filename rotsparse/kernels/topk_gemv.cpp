@@ -495,7 +495,9 @@ void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_REST
       const int64_t left = valid - j;
       if (left <= 0) break;
       const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-      const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : (left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1u));
+      const __mmask16 m1 = left >= 32   ? __mmask16(0xFFFF)
+                           : left <= 16 ? __mmask16(0)
+                                        : __mmask16((1u << (left - 16)) - 1u);
       __m512 a[M][2];
       for (int m = 0; m < M; ++m) {
         a[m][0] = _mm512_loadu_ps(acc + m * len + j);
@@ -541,7 +543,8 @@ void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_REST
 }
 
 // bfloat16 weights (and so bfloat16 activations): rows in pairs through AVX512-BF16 dot products
-// (vdpbf16ps: two rows' exact products per float32 lane), half the instructions of one FMA per row.
+// (vdpbf16ps: two rows' exact products per float32 lane, denormal inputs read as zero), half the
+// instructions of one FMA per row.
 // P ((U + 1) / 2, M): the two bf16 values of token m for a pair of rows (the first row in the low half; 0 for
 // the missing second row of an odd U). Each 32-column micro tile keeps its sums in unpacklo/hi_epi16 order
 // (`bf16_pair_column`), put back in column order by `unpermute_bf16_pairs`.
