@@ -5,8 +5,8 @@ it times, interleaved round-robin over a weight pool larger than ``--pool-factor
 come from DRAM, as in decoding):
 
 * ``torch dense``  -- ``F.linear(x, W)``, W (out, in) contiguous: a dense Hugging Face model's linear
-* ``masked s``     -- ``F.linear(topk_mask(x, K), weight_t.t())``: what a `TopKLinear` ran for more than one token
-  before the batched kernel, and still runs above ``kernels.KERNEL_MAX_TOKENS`` tokens (its weight is input-major)
+* ``masked s``     -- ``F.linear(topk_mask(x, K), weight_t.t())``: what a `TopKLinear` runs above
+  ``kernels.KERNEL_MAX_TOKENS`` tokens or with its kernels off (its weight is input-major)
 * ``kernel dense`` -- ``topk_gemv(x, weight_t, None, in)``: rotsparse's kernel at K = in
 * ``kernel s``     -- ``topk_gemv(x, weight_t, None, K)``, K = round(in * (1 - s)): every token's Top-K, one pass
   over the union of the M tokens' kept rows (up to 8 tokens per pass)
