@@ -11,6 +11,10 @@ come from DRAM, as in decoding):
 * ``kernel s``     -- ``topk_gemv(x, weight_t, None, K)``, K = round(in * (1 - s)): every token's Top-K, one pass
   over the union of the M tokens' kept rows (up to 8 tokens per pass)
 
+``--dtypes int8``: the same with `weight_bits=8` weights (bfloat16 activations; ``kernel``: `topk_gemv_int8`;
+``masked``: the weight dequantized per call, then the masked product, as `QuantizedTopKLinear` runs it above
+``KERNEL_MAX_TOKENS`` tokens).
+
 x: M independent standard-normal tokens, so the union of their kept rows is as large as it gets (``rows read``:
 its share of ``in``, averaged); a real batch's tokens share their large channels, and read fewer.
 
@@ -29,7 +33,8 @@ import sys
 
 import torch
 
-from rotsparse.kernels import build_extension, topk_gemv, topk_indices, topk_mask
+from rotsparse.kernels import build_extension, topk_gemv, topk_gemv_int8, topk_indices, topk_mask
+from rotsparse.quantize import dequantize, quantize_int8
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernel import LLAMA2_7B_SHAPES, llc_bytes, quantized_header, time_interleaved  # noqa: E402
@@ -50,29 +55,47 @@ def union_share(x: torch.Tensor, keep_k: int) -> float:
     return statistics.mean(shares)
 
 
-def bench_shape(n_in: int, n_out: int, dtype: torch.dtype, tokens: list[int], sparsities: list[float], reps: int,
+def bench_shape(n_in: int, n_out: int, weights_name: str, tokens: list[int], sparsities: list[float], reps: int,
                 pool_bytes: int) -> list[dict]:
-    size = n_in * n_out * torch.empty((), dtype=dtype).element_size()
+    """weights_name: a float dtype, or "int8" (`weight_bits=8`: bfloat16 activations, the kernel on the int8 rows,
+    the masked product on the weight dequantized per call, as `QuantizedTopKLinear` runs it)."""
+    int8 = weights_name == "int8"
+    dtype = torch.bfloat16 if int8 else getattr(torch, weights_name)
+    size = n_in * n_out * (1 if int8 else torch.empty((), dtype=dtype).element_size())
     n_buf = max(3, -(-pool_bytes // size))
     generator = torch.Generator().manual_seed(0)
     weights = [(torch.randn(n_out, n_in, generator=generator) / n_in ** 0.5).to(dtype) for _ in range(n_buf)]
-    weights_t = [weight.t().contiguous() for weight in weights]
+    if int8:
+        quantized = [quantize_int8(weight.t()) for weight in weights]
+
+        def gemv(x, i, k):
+            return topk_gemv_int8(x, *quantized[i], None, k)
+
+        def masked_product(x, i, k):
+            return torch.nn.functional.linear(topk_mask(x, k), dequantize(*quantized[i], 8, dtype).t())
+    else:
+        weights_t = [weight.t().contiguous() for weight in weights]
+
+        def gemv(x, i, k):
+            return topk_gemv(x, weights_t[i], None, k)
+
+        def masked_product(x, i, k):
+            return torch.nn.functional.linear(topk_mask(x, k), weights_t[i].t())
     rows = []
     for count in tokens:
         x = torch.randn(count, n_in, generator=generator).to(dtype)
         calls = {"torch dense": lambda i: torch.nn.functional.linear(x, weights[i]),
-                 "kernel dense": lambda i: topk_gemv(x, weights_t[i], None, n_in)}
+                 "kernel dense": lambda i: gemv(x, i, n_in)}
         for sparsity in sparsities:
             keep_k = int(round(n_in * (1 - sparsity)))
-            calls[f"masked {sparsity:g}"] = lambda i, k=keep_k: torch.nn.functional.linear(topk_mask(x, k),
-                                                                                          weights_t[i].t())
-            calls[f"kernel {sparsity:g}"] = lambda i, k=keep_k: topk_gemv(x, weights_t[i], None, k)
+            calls[f"masked {sparsity:g}"] = lambda i, k=keep_k: masked_product(x, i, k)
+            calls[f"kernel {sparsity:g}"] = lambda i, k=keep_k: gemv(x, i, k)
         times = {name: statistics.median(values) * 1e3
                  for name, values in time_interleaved(calls, n_buf, reps).items()}
         for sparsity in sparsities:
             keep_k = int(round(n_in * (1 - sparsity)))
             kernel, masked = times[f"kernel {sparsity:g}"], times[f"masked {sparsity:g}"]
-            rows.append({"shape": f"{n_in}x{n_out}", "dtype": str(dtype).removeprefix("torch."), "tokens": count,
+            rows.append({"shape": f"{n_in}x{n_out}", "dtype": weights_name, "tokens": count,
                          "sparsity": sparsity, "rows_read": union_share(x, keep_k),
                          "torch_dense_ms": times["torch dense"], "kernel_dense_ms": times["kernel dense"],
                          "masked_ms": masked, "kernel_ms": kernel, "vs_masked": masked / kernel,
@@ -86,7 +109,8 @@ def bench_shape(n_in: int, n_out: int, dtype: torch.dtype, tokens: list[int], sp
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="weights: float dtypes, or int8 (weight_bits=8, bfloat16 activations)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
     parser.add_argument("--reps", type=int, default=10, help="passes over the weight pool per method")
@@ -97,9 +121,9 @@ def main(argv=None) -> None:
     build_extension()
     pool = int(args.pool_factor * llc_bytes())
     rows = []
-    for dtype in args.dtypes:
+    for weights_name in args.dtypes:
         for _, n_in, n_out, _ in LLAMA2_7B_SHAPES:
-            rows += bench_shape(n_in, n_out, getattr(torch, dtype), args.tokens, args.sparsity, args.reps, pool)
+            rows += bench_shape(n_in, n_out, weights_name, args.tokens, args.sparsity, args.reps, pool)
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     lines = ["# Several tokens per call: Top-K kernel vs masked product vs dense", "",
              *quantized_header(command, pool, args.reps, "median"),

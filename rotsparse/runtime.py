@@ -155,8 +155,9 @@ class QuantizedTopKLinear(TopKLinear):
     kept input channel is one contiguous row of bytes and casting the model leaves them untouched. There is no
     ``weight`` parameter (`dequantized_weight` gives the float weight it stands for).
 
-    Single-token inference runs the int8 / int4 Top-K kernel; everything else (prefill, batches, block or L2
-    modes) the dense-masked path on the dequantized weight, the same function: with int4 weights both round the
+    Single-token inference runs the int8 / int4 Top-K kernel, and with int8 weights so do up to
+    `kernels.KERNEL_MAX_TOKENS` tokens on the CPU; everything else (prefill, int4 batches, block or L2 modes) the
+    dense-masked path on the dequantized weight, the same function: with int4 weights both round the
     kept activations to int8 per weight group (`kernels.reference.group_int8_activations`; straight-through in
     training).
     """
@@ -196,6 +197,8 @@ class QuantizedTopKLinear(TopKLinear):
         if self._is_decode_step(x) and not self.block_size and not self.l2_rescale:
             gemv = kernels.topk_gemv_int8 if self.weight_bits == 8 else kernels.topk_gemv_int4
             return gemv(x, self.qweight, self.scales, self.bias, self.keep_k)
+        if self.weight_bits == 8 and self._is_batched_step(x):  # (int4 batches: the dequantized masked path)
+            return kernels.topk_gemv_int8(x, self.qweight, self.scales, self.bias, self.keep_k)
         weight = self.dequantized_weight(x.dtype)
         sparse = x if self.kept_per_token >= self.in_features else sparsify_activation(
             x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,

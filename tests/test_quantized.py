@@ -208,3 +208,41 @@ def test_cli_flags_and_bench_bytes():
         expected = sum(n_in * n_out * per_weight + (4 * n_out if bits == 8 else n_in * n_out * per_scale)
                        for n_in, n_out in shapes)
         assert weight_bytes(model)["layers"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_several_tokens_equal_the_masked_product(dtype):
+    """int8 weights, several tokens per call (passes over the union of up to 8 tokens' kept rows): every token's
+    own Top-K, for K from 0 to in, with and without bias; the op traces (fake) for several tokens too."""
+    qweight, scale = quantize_int8(torch.randn(200, 72))
+    bias = torch.randn(72).to(dtype)
+    for tokens in ((2,), (3, 3), (17,)):
+        x = distinct_token(200, dtype, seed=len(tokens)).expand(*tokens, 200) * torch.linspace(
+            0.5, 1.5, int(torch.tensor(tokens).prod())).reshape(*tokens, 1).to(dtype)
+        x = x + torch.randn(*tokens, 200).to(dtype) * 0.1
+        for keep_k in (0, 1, 66, 200):
+            for b in (None, bias):
+                expected = (topk_mask(x.double(), keep_k) @ qweight.double()) * scale.double()
+                expected = expected if b is None else expected + b.double()
+                got = topk_gemv_int8(x, qweight, scale, b, keep_k)
+                assert got.shape == (*tokens, 72) and got.dtype == dtype
+                tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * 10)
+    torch.library.opcheck(torch.ops.rotsparse.topk_gemv_int8.default, (torch.randn(3, 200), qweight, scale, None, 50))
+
+
+def test_int8_batched_generation_takes_the_kernel_and_equals_the_masked_path(monkeypatch):
+    model = quantized(8)
+    calls = []
+    real = rotsparse.kernels.topk_gemv_int8
+    monkeypatch.setattr(rotsparse.kernels, "topk_gemv_int8", lambda x, *rest: calls.append(x.shape) or real(x, *rest))
+    tokens = random_tokens(num_sequences=3, length=6, seed=5)
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with_kernels = model.generate(tokens, **settings)
+        assert any(shape[0] == 3 and shape[1] == 1 for shape in calls)  # batch-3 decode steps
+        set_kernels(model, False)
+        masked = model.generate(tokens, **settings)
+    assert torch.equal(with_kernels.sequences, masked.sequences)
+    for got, want in zip(with_kernels.logits, masked.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -155,7 +155,7 @@ def decode_topk_gemv(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], keep_k
 
 
 def _check_quantized_args(x: Tensor, qweight_t: Tensor, scales: Tensor, bias: Optional[Tensor],
-                          qdtype: torch.dtype, scale_dtype: torch.dtype, out: int) -> None:
+                          qdtype: torch.dtype, scale_dtype: torch.dtype, out: int, several_tokens: bool = False) -> None:
     if not all(isinstance(t, Tensor) for t in (x, qweight_t, scales)):
         raise TypeError("x, qweight_t and scales must be tensors")
     if not x.is_floating_point():
@@ -167,7 +167,7 @@ def _check_quantized_args(x: Tensor, qweight_t: Tensor, scales: Tensor, bias: Op
     if len({x.device, qweight_t.device, scales.device}) != 1:
         raise ValueError(f"device mismatch: x on {x.device}, weight on {qweight_t.device}, scales on {scales.device}")
     n_in = qweight_t.shape[0]
-    if x.dim() == 0 or x.shape[-1] != n_in or x.numel() != n_in:
+    if x.dim() == 0 or x.shape[-1] != n_in or (x.numel() != n_in and not several_tokens):
         raise ValueError(f"one token of {n_in} features expected (x of shape (in,), (1, in) or (1, 1, in)), got x of "
                          f"shape {tuple(x.shape)}")
     if bias is not None and (bias.shape != (out,) or bias.dtype != x.dtype or bias.device != x.device):
@@ -175,14 +175,15 @@ def _check_quantized_args(x: Tensor, qweight_t: Tensor, scales: Tensor, bias: Op
 
 
 def topk_gemv_int8(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Fused Top-K + sparse GEMV for ONE token through an int8 weight.
+    """Fused Top-K + sparse GEMV through an int8 weight, per token.
 
     ``y = scale * (topk_mask(x, keep_k) @ qweight_t) (+ bias)``; qweight_t: (in, out) int8, contiguous; scale:
-    (out,) float32; x: (in,), (1, in) or (1, 1, in), float32 / bfloat16 / float16 (the output's dtype);
-    float32 accumulation. Only the kept rows of qweight_t are read; ``keep_k = in`` is the dense int8 GEMV.
-    Custom op ``torch.ops.rotsparse.topk_gemv_int8``.
+    (out,) float32; x: (..., in), one token or several (as :func:`topk_gemv`), float32 / bfloat16 / float16 (the
+    output's dtype); float32 accumulation. Only the kept rows of qweight_t are read (several tokens: the union of
+    theirs); ``keep_k = in`` is the dense int8 GEMV. Custom op ``torch.ops.rotsparse.topk_gemv_int8``.
     """
-    _check_quantized_args(x, qweight_t, scale, bias, torch.int8, torch.float32, qweight_t.shape[-1])
+    _check_quantized_args(x, qweight_t, scale, bias, torch.int8, torch.float32, qweight_t.shape[-1],
+                          several_tokens=True)
     if scale.shape != (qweight_t.shape[1],):
         raise ValueError(f"scale must have shape ({qweight_t.shape[1]},), got {tuple(scale.shape)}")
     keep_k = check_keep_k(keep_k, qweight_t.shape[0])

@@ -146,9 +146,12 @@ def unpack_int4(packed: Tensor, out: int) -> Tensor:
 
 
 def topk_gemv_int8_torch(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Top-K GEMV of one token x (in,) through an int8 weight qweight_t (in, out) with per-output scale (out,)
-    float32: ``scale * (x[kept] @ qweight_t[kept]) (+ bias)``, float32 accumulation."""
+    """Top-K GEMV of the tokens x (..., in) through an int8 weight qweight_t (in, out) with per-output scale
+    (out,) float32: ``scale * (x[kept] @ qweight_t[kept]) (+ bias)``, float32 accumulation."""
     n_in, n_out = qweight_t.shape
+    if x.numel() != n_in:
+        acc = (topk_mask(x, keep_k).float() @ qweight_t.float()) * scale.float()
+        return (acc if bias is None else acc + bias.float()).to(x.dtype)
     x1 = x.reshape(n_in)
     indices = topk_indices_torch(x1, keep_k)
     acc = (x1.index_select(0, indices).float() @ qweight_t.index_select(0, indices).float()) * scale.float()

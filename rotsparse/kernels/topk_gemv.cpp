@@ -614,17 +614,18 @@ inline void unpermute_bf16_pairs(float* acc, int64_t len) {
   }
 }
 
-// y[m, :] for M tokens (M <= RS_BATCH_TOKENS) over the union rows `rows` (U) with values V (U, M).
-template <typename W, int M>
-void batch_rows(const W* Wt, int64_t out, const int64_t* rows, const float* V, int64_t U, const float* bias,
-                W* y) {
+// The M tokens' (M <= RS_BATCH_TOKENS) float32 sums over the union rows `rows` (U) with values V (U, M),
+// handed to store(m, j, sum) for every token m and output column j.
+template <typename W, int M, typename Store>
+void batch_rows(const W* Wt, int64_t out, const int64_t* rows, const float* V, int64_t U, const Store& store) {
   constexpr int64_t kMicro = 32;
   int nthreads = std::max(1, at::get_num_threads());
   if (U * out * M < (int64_t(1) << 15)) nthreads = 1;
   const int64_t blocks = (out + kMicro - 1) / kMicro;
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, blocks));
   const int64_t max_tile = std::max<int64_t>(kMicro, RS_MAX_TILE_BYTES / int64_t(sizeof(W)) / kMicro * kMicro);
-  std::vector<uint32_t> pairs;  // bfloat16 pairs of V (see accumulate_batch_tile_bf16)
+  std::vector<uint32_t> pairs;  // bfloat16 pairs of V (see accumulate_batch_tile_bf16; W = bf16 implies
+                                // bf16 activations: topk_gemv's x and weight share their dtype)
 #if RS_BATCH_BF16_DOT
   if constexpr (std::is_same_v<W, bf16_t>) {
     auto bits = [](float v) {  // exact: V holds bfloat16 activations
@@ -659,35 +660,33 @@ void batch_rows(const W* Wt, int64_t out, const int64_t* rows, const float* V, i
       accumulate_batch_tile<W, M>(acc, len, Wt, out, j0, rows, V, U);
 #endif
       for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < cols; ++j) {
-          const float v = acc[m * len + j];
-          io<W>::store(y + m * out + j0 + j, bias ? v + bias[j0 + j] : v);
-        }
+        for (int64_t j = 0; j < cols; ++j) store(m, j0 + j, acc[m * len + j]);
     }
   };
   run_threads(nthreads, body);
 }
 
-template <typename W>
+template <typename W, typename Store>
 void batch_dispatch(int M, const W* Wt, int64_t out, const int64_t* rows, const float* V, int64_t U,
-                    const float* bias, W* y) {
+                    const Store& store) {
   switch (M) {
-    case 1: return batch_rows<W, 1>(Wt, out, rows, V, U, bias, y);
-    case 2: return batch_rows<W, 2>(Wt, out, rows, V, U, bias, y);
-    case 3: return batch_rows<W, 3>(Wt, out, rows, V, U, bias, y);
-    case 4: return batch_rows<W, 4>(Wt, out, rows, V, U, bias, y);
-    case 5: return batch_rows<W, 5>(Wt, out, rows, V, U, bias, y);
-    case 6: return batch_rows<W, 6>(Wt, out, rows, V, U, bias, y);
-    case 7: return batch_rows<W, 7>(Wt, out, rows, V, U, bias, y);
-    default: return batch_rows<W, 8>(Wt, out, rows, V, U, bias, y);
+    case 1: return batch_rows<W, 1>(Wt, out, rows, V, U, store);
+    case 2: return batch_rows<W, 2>(Wt, out, rows, V, U, store);
+    case 3: return batch_rows<W, 3>(Wt, out, rows, V, U, store);
+    case 4: return batch_rows<W, 4>(Wt, out, rows, V, U, store);
+    case 5: return batch_rows<W, 5>(Wt, out, rows, V, U, store);
+    case 6: return batch_rows<W, 6>(Wt, out, rows, V, U, store);
+    case 7: return batch_rows<W, 7>(Wt, out, rows, V, U, store);
+    default: return batch_rows<W, 8>(Wt, out, rows, V, U, store);
   }
 }
 static_assert(RS_BATCH_TOKENS <= 8, "batch_dispatch instantiates up to 8 tokens per pass");
 
-// Tokens x[0..T) (each n values) -> y[0..T) (each out values), passes of RS_BATCH_TOKENS tokens.
-template <typename W>
-void topk_gemm_tokens(const W* x, int64_t T, int64_t n, int64_t keep_k, const W* Wt, int64_t out,
-                      const float* bias, W* y) {
+// Tokens x[0..T) (each n values of type X) through the weight Wt (n, out) of type W, in passes of
+// RS_BATCH_TOKENS tokens: store(t, j, sum) for every token t and output column j.
+template <typename X, typename W, typename Store>
+void topk_gemm_tokens(const X* x, int64_t T, int64_t n, int64_t keep_k, const W* Wt, int64_t out,
+                      const Store& store) {
   std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
   std::vector<float> xs(idx.size());
   std::vector<float> V;
@@ -698,7 +697,7 @@ void topk_gemm_tokens(const W* x, int64_t T, int64_t n, int64_t keep_k, const W*
     V.assign(static_cast<size_t>(n * M), 0.f);
     used.assign(static_cast<size_t>(n), 0);
     for (int m = 0; m < M; ++m) {
-      const int64_t K = select_topk<W>(x + (t0 + m) * n, n, keep_k, idx.data(), xs.data());
+      const int64_t K = select_topk<X>(x + (t0 + m) * n, n, keep_k, idx.data(), xs.data());
       for (int64_t s = 0; s < K; ++s) {
         V[idx[s] * M + m] = xs[s];
         used[idx[s]] = 1;
@@ -711,7 +710,8 @@ void topk_gemm_tokens(const W* x, int64_t T, int64_t n, int64_t keep_k, const W*
       if (u != i) std::memcpy(V.data() + u * M, V.data() + i * M, sizeof(float) * M);
       rows.push_back(i);
     }
-    batch_dispatch<W>(M, Wt, out, rows.data(), V.data(), static_cast<int64_t>(rows.size()), bias, y + t0 * out);
+    batch_dispatch<W>(M, Wt, out, rows.data(), V.data(), static_cast<int64_t>(rows.size()),
+                      [&](int m, int64_t j, float v) { store(t0 + m, j, v); });
   }
 }
 
@@ -1248,9 +1248,11 @@ at::Tensor topk_gemv_impl(const at::Tensor& x, const at::Tensor& weight_t,
   if (tokens != 1) {
     at::Tensor b32;
     if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
-    topk_gemm_tokens<W>(reinterpret_cast<const W*>(xc.data_ptr()), tokens, n, keep_k,
-                        reinterpret_cast<const W*>(weight_t.data_ptr()), out,
-                        b32.defined() ? b32.data_ptr<float>() : nullptr, reinterpret_cast<W*>(y.data_ptr()));
+    const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+    W* yp = reinterpret_cast<W*>(y.data_ptr());
+    topk_gemm_tokens<W, W>(reinterpret_cast<const W*>(xc.data_ptr()), tokens, n, keep_k,
+                           reinterpret_cast<const W*>(weight_t.data_ptr()), out,
+                           [&](int64_t t, int64_t j, float v) { io<W>::store(yp + t * out + j, bp ? v + bp[j] : v); });
     return y;
   }
   std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
@@ -1358,7 +1360,8 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight,
 
 // ------------------------- quantized Top-K GEMVs ----------------------------
 void check_quantized(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias, int64_t in, int64_t out, int64_t keep_k) {
+                     const std::optional<at::Tensor>& bias, int64_t in, int64_t out, int64_t keep_k,
+                     bool several_tokens = false) {
   TORCH_CHECK(x.device().is_cpu() && qweight_t.device().is_cpu() && scales.device().is_cpu(),
               "rotsparse quantized topk_gemv (C++): tensors must be on the CPU");
   TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.is_contiguous(),
@@ -1367,7 +1370,11 @@ void check_quantized(const at::Tensor& x, const at::Tensor& qweight_t, const at:
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                   x.scalar_type() == at::kHalf,
               "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
-  TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but in=", in);
+  if (several_tokens) {
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "x has ", x.dim() ? x.size(-1) : 0, " features but in=", in);
+  } else {
+    TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but in=", in);
+  }
   TORCH_CHECK(keep_k >= 0 && keep_k <= in, "keep_k=", keep_k, " out of range [0, ", in, "]");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out,
@@ -1417,21 +1424,34 @@ void dispatch_output(at::Tensor& y, const Run& run) {
   }
 }
 
-// y = scale * sum over the keep_k largest |x_i| of x_i * q[i, :] (+ bias); q (in, out) int8,
-// scale (out,) float32.  keep_k = in is the dense int8 GEMV.
+// y = scale * sum over the keep_k largest |x_i| of x_i * q[i, :] (+ bias), per token of x (..., in);
+// q (in, out) int8, scale (out,) float32.  keep_k = in is the dense int8 GEMV.
 at::Tensor topk_gemv_int8(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& scale,
                           const std::optional<at::Tensor>& bias, int64_t keep_k) {
   TORCH_CHECK(qweight_t.scalar_type() == at::kChar, "int8 qweight_t must be int8, got ",
               qweight_t.scalar_type());
   TORCH_CHECK(qweight_t.dim() == 2, "qweight_t must be 2-D (in, out)");
   const int64_t in = qweight_t.size(0), out = qweight_t.size(1);
-  check_quantized(x, qweight_t, scale, bias, in, out, keep_k);
+  check_quantized(x, qweight_t, scale, bias, in, out, keep_k, /*several_tokens=*/true);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == out,
               "int8 scale must be float32 of shape (", out, ",)");
-  Selection sel = select_token(x, keep_k);
   at::Tensor holder;
   const float* bp = float_bias(bias, holder);
   at::Tensor y = at::empty(out_shape(x, out), x.options());
+  const int64_t tokens = in ? x.numel() / in : 0;
+  if (tokens != 1) {  // several tokens: passes over the union of their kept rows (as topk_gemv)
+    const at::Tensor xc = x.contiguous();
+    const float* sp = scale.data_ptr<float>();
+    dispatch_output(y, [&](auto* yp) {
+      using Y = std::remove_pointer_t<decltype(yp)>;
+      topk_gemm_tokens<Y, int8_t>(reinterpret_cast<const Y*>(xc.data_ptr()), tokens, in, keep_k,
+                                  qweight_t.data_ptr<int8_t>(), out, [&](int64_t t, int64_t j, float v) {
+                                    io<Y>::store(yp + t * out + j, bp ? v * sp[j] + bp[j] : v * sp[j]);
+                                  });
+    });
+    return y;
+  }
+  Selection sel = select_token(x, keep_k);
   dispatch_output(y, [&](auto* yp) {
     gemv_rows_int8(qweight_t.data_ptr<int8_t>(), scale.data_ptr<float>(), out, sel.idx.data(),
                    sel.xs.data(), sel.K, bp, yp);
