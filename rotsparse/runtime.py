@@ -70,11 +70,11 @@ class TopKLinear(nn.Linear):
         return (self.use_kernel and not torch.is_grad_enabled() and x.numel() == self.in_features
                 and not self.training and not (self.residual_bits and self.block_size))
 
-    def _is_batched_step(self, x: torch.Tensor) -> bool:
-        """A few tokens (2 to `kernels.KERNEL_MAX_TOKENS`: a batched decode step, a short prompt) in inference,
-        plain Top-K: the kernel reads the union of their kept rows instead of the masked product's every row."""
+    def _is_batched_step(self, x: torch.Tensor, max_tokens: int = kernels.KERNEL_MAX_TOKENS) -> bool:
+        """A few tokens (2 to `max_tokens`: a batched decode step, a short prompt) in inference, plain Top-K: the
+        kernel reads the union of their kept rows instead of the masked product's every row."""
         return (self.use_kernel and not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
-                and self.in_features < x.numel() <= kernels.KERNEL_MAX_TOKENS * self.in_features
+                and self.in_features < x.numel() <= max_tokens * self.in_features
                 and not (self.residual_bits or self.block_size or self.l2_rescale))
 
     def attach_residual(self, bits: int) -> None:
@@ -156,8 +156,8 @@ class QuantizedTopKLinear(TopKLinear):
     ``weight`` parameter (`dequantized_weight` gives the float weight it stands for).
 
     Single-token inference runs the int8 / int4 Top-K kernel, and with int8 weights so do up to
-    `kernels.KERNEL_MAX_TOKENS` tokens on the CPU; everything else (prefill, int4 batches, block or L2 modes) the
-    dense-masked path on the dequantized weight, the same function: with int4 weights both round the
+    `kernels.INT8_KERNEL_MAX_TOKENS` tokens on the CPU; everything else (longer prefills, int4 batches, block or L2
+    modes) the dense-masked path on the dequantized weight, the same function: with int4 weights both round the
     kept activations to int8 per weight group (`kernels.reference.group_int8_activations`; straight-through in
     training).
     """
@@ -197,7 +197,7 @@ class QuantizedTopKLinear(TopKLinear):
         if self._is_decode_step(x) and not self.block_size and not self.l2_rescale:
             gemv = kernels.topk_gemv_int8 if self.weight_bits == 8 else kernels.topk_gemv_int4
             return gemv(x, self.qweight, self.scales, self.bias, self.keep_k)
-        if self.weight_bits == 8 and self._is_batched_step(x):  # (int4 batches: the dequantized masked path)
+        if self.weight_bits == 8 and self._is_batched_step(x, kernels.INT8_KERNEL_MAX_TOKENS):  # (int4: masked)
             return kernels.topk_gemv_int8(x, self.qweight, self.scales, self.bias, self.keep_k)
         weight = self.dequantized_weight(x.dtype)
         sparse = x if self.kept_per_token >= self.in_features else sparsify_activation(

@@ -53,10 +53,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .build import KERNEL_MAX_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
+from .build import INT8_KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
 from .reference import RESIDUAL_GROUP, check_keep_k, to_input_major, topk_mask
 
 __all__ = [
+    "INT8_KERNEL_MAX_TOKENS",
     "KERNEL_MAX_TOKENS",
     "build_extension",
     "dense_gemv",

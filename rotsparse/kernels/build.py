@@ -20,6 +20,10 @@ KERNEL_MAX_TOKENS = 16
 """Up to this many tokens per call (a batched decode step, a short prompt) the sparse modules on the CPU take the
 C++ `topk_gemv` (passes of 8 tokens, each over the union of their kept rows) instead of the masked product; it
 beats the masked product up to about 32 tokens and loses at 64 (eval/results/batch_kernel.md)."""
+INT8_KERNEL_MAX_TOKENS = 1024
+"""The same for int8 weights (`topk_gemv_int8`), whose alternative dequantizes the weight on every call: the kernel
+is 36-190x faster at 2-16 tokens, 10-13x at 64, 2.9-3.6x at 256 and 1.2-1.3x at 1024 tokens per Llama-2-7B
+matrix (eval/results/batch_kernel_int8.md, batch_kernel_int8_long.md)."""
 
 
 def _build_flag_sets() -> list[tuple[list[str], list[str]]]:
