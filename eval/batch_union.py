@@ -8,6 +8,7 @@ one batched decode step sees them), against independent tokens (1 - s^B).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -28,13 +29,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.4, 0.5])
     args = parser.parse_args(argv)
     batches = [b for b in (1, 2, 4, 8, 16) if b <= args.sequences]
-    _, tokenizer = load_model(args.model, dtype=torch.float32)
+    dense, tokenizer = load_model(args.model, dtype=torch.float32)
     ids = [tokenizer(text, return_tensors="pt").input_ids[0, :args.length]
            for text in load_texts(args.domain, part="evaluation")]
     batch = torch.stack([row for row in ids if len(row) == args.length][:args.sequences])
     print(f"| sparsity | {' | '.join(f'B={b}' for b in batches)} |\n|---|" + "---|" * len(batches))
     for sparsity in args.sparsities:
-        model, _ = load_model(args.model, dtype=torch.float32)
+        model = copy.deepcopy(dense)
         rotsparse.sparsify(model, tokenizer, sparsity=sparsity, method="topk", progress=False)
         inputs = []
         hooks = [module.register_forward_hook(lambda module, args_, output: inputs.append((module.keep_k, args_[0])))

@@ -73,8 +73,8 @@ class TopKLinear(nn.Linear):
     def _is_batched_step(self, x: torch.Tensor, max_tokens: int = kernels.KERNEL_MAX_TOKENS) -> bool:
         """A few tokens (2 to `max_tokens`: a batched decode step, a short prompt) in inference, plain Top-K: the
         kernel reads the union of their kept rows instead of the masked product's every row."""
-        return (self.use_kernel and not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
-                and self.in_features < x.numel() <= max_tokens * self.in_features
+        return (self.use_kernel and not torch.is_grad_enabled() and not self.training
+                and kernels.several_tokens_on_cpu(x, self.in_features, max_tokens)
                 and not (self.residual_bits or self.block_size or self.l2_rescale))
 
     def attach_residual(self, bits: int) -> None:
@@ -413,9 +413,9 @@ def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (..., d) @ rotation (d, d); in inference a single token, or up to `kernels.KERNEL_MAX_TOKENS` on the
     CPU, go through the decode kernel at K = d."""
     rotation = rotation.to(x.dtype)
-    tokens = x.numel() // rotation.shape[0]
+    width = rotation.shape[0]
     if (not torch.is_grad_enabled() and rotation.is_contiguous()
-            and (tokens == 1 or (x.device.type == "cpu" and 1 < tokens <= kernels.KERNEL_MAX_TOKENS))):
+            and (x.numel() == width or kernels.several_tokens_on_cpu(x, width))):
         return kernels.decode_topk_gemv(x, rotation, None, rotation.shape[0])
     return x @ rotation
 

@@ -135,11 +135,11 @@ def sparse_linear(x: torch.Tensor, weights_t: list[torch.Tensor], biases: list[t
     fused Top-K GEMV kernel, and so up to `kernels.KERNEL_MAX_TOKENS` tokens on the CPU (passes over the union
     of their kept rows); otherwise the masked dense product."""
     plain = not sparsity.block_size and not sparsity.l2_rescale and not torch.is_grad_enabled()
-    tokens = x.numel() // sparsity.width
-    cpu_kernel = x.device.type == "cpu" and 1 <= tokens <= kernels.KERNEL_MAX_TOKENS  # (K = in: the dense kernel)
+    one_token = x.numel() == sparsity.width
+    cpu_kernel = (one_token and x.device.type == "cpu") or kernels.several_tokens_on_cpu(x, sparsity.width)
     outputs = []
     for weight_t, bias, (_, _, keep_k) in zip(weights_t, biases, groups):
-        if plain and (cpu_kernel or (tokens == 1 and keep_k < sparsity.width)):
+        if plain and (cpu_kernel or (one_token and keep_k < sparsity.width)):  # (K = in on CPU: the dense kernel)
             outputs.append(kernels.decode_topk_gemv(x, weight_t, bias, keep_k))
         elif keep_k >= sparsity.width:
             outputs.append(torch.nn.functional.linear(x, weight_t.t(), bias))

@@ -63,6 +63,7 @@ __all__ = [
     "dense_gemv",
     "index_gemv",
     "kernel_backend",
+    "several_tokens_on_cpu",
     "to_input_major",
     "topk_gemv",
     "topk_gemv_int4",
@@ -299,6 +300,12 @@ def topk_indices(x: Tensor, keep_k: int) -> Tensor:
     if _eager_fast_path(x):
         return ops.topk_indices_dispatch(x, keep_k)
     return torch.ops.rotsparse.topk_indices(x, keep_k)
+
+
+def several_tokens_on_cpu(x: Tensor, width: int, max_tokens: int = KERNEL_MAX_TOKENS) -> bool:
+    """x holds 2 to `max_tokens` tokens of `width` features on the CPU: a call the C++ `topk_gemv` (and
+    `topk_gemv_int8`) takes in its several-token form rather than the caller's masked product."""
+    return x.device.type == "cpu" and width < x.numel() <= max_tokens * width
 
 
 def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:

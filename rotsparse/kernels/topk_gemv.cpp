@@ -482,6 +482,39 @@ void gemv_rows(const W* Wt, int64_t out, const int64_t* idx, const float* xs, in
 #define RS_BATCH_TOKENS 8  // tokens per pass over the union of their kept rows
 #endif
 
+#if RS_AVX512
+// The M tokens' float32 sums of the 32-column micro tile at column j of a tile of `len` columns (acc: M rows of
+// `len`), in registers while a row group streams over them.
+template <int M>
+inline void load_sums(__m512 (&a)[M][2], const float* acc, int64_t len, int64_t j) {
+  for (int m = 0; m < M; ++m) {
+    a[m][0] = _mm512_loadu_ps(acc + m * len + j);
+    a[m][1] = _mm512_loadu_ps(acc + m * len + j + 16);
+  }
+}
+
+template <int M>
+inline void store_sums(const __m512 (&a)[M][2], float* acc, int64_t len, int64_t j) {
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(acc + m * len + j, a[m][0]);
+    _mm512_storeu_ps(acc + m * len + j + 16, a[m][1]);
+  }
+}
+
+// Prefetch the micro tile at column `col` of the rows of the row group RS_BATCH_PF groups after the one at
+// s: scattered rows streamed this slowly (M tokens' FMAs per vector) outrun the hardware prefetchers.
+template <typename W>
+inline void prefetch_row_group(const W* Wt, int64_t ldw, int64_t col, const int64_t* rows, int64_t s, int64_t U) {
+#if RS_BATCH_PF
+  for (int64_t r = s + RS_BATCH_PF * RS_ROWS; r < std::min<int64_t>(U, s + (RS_BATCH_PF + 1) * RS_ROWS); ++r) {
+    const char* q = reinterpret_cast<const char*>(Wt + rows[r] * ldw + col);
+    RS_PREFETCH(q);
+    if (32 * sizeof(W) > 64) RS_PREFETCH(q + 64);  // a micro tile of float32 spans two cache lines
+  }
+#endif
+}
+#endif
+
 template <typename W, int M>
 void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_RESTRICT Wt, int64_t ldw, int64_t j0,
                            const int64_t* RS_RESTRICT rows, const float* RS_RESTRICT V, int64_t U) {
@@ -499,17 +532,8 @@ void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_REST
                            : left <= 16 ? __mmask16(0)
                                         : __mmask16((1u << (left - 16)) - 1u);
       __m512 a[M][2];
-      for (int m = 0; m < M; ++m) {
-        a[m][0] = _mm512_loadu_ps(acc + m * len + j);
-        a[m][1] = _mm512_loadu_ps(acc + m * len + j + 16);
-      }
-#if RS_BATCH_PF  // scattered rows streamed this slowly (M tokens' FMAs per vector) outrun the prefetchers
-      for (int64_t r = s + RS_BATCH_PF * RS_ROWS; r < std::min<int64_t>(U, s + (RS_BATCH_PF + 1) * RS_ROWS); ++r) {
-        const char* q = reinterpret_cast<const char*>(Wt + rows[r] * ldw + j0 + j);
-        RS_PREFETCH(q);
-        if (32 * sizeof(W) > 64) RS_PREFETCH(q + 64);
-      }
-#endif
+      load_sums<M>(a, acc, len, j);
+      prefetch_row_group(Wt, ldw, j0 + j, rows, s, U);
       for (int64_t r = 0; r < G; ++r) {
         const W* p = Wt + rows[s + r] * ldw + j0 + j;
         // Masked loads only in the row's last micro tile: they are several times slower on some CPUs.
@@ -522,10 +546,7 @@ void accumulate_batch_tile(float* RS_RESTRICT acc, int64_t len, const W* RS_REST
           a[m][1] = _mm512_fmadd_ps(vb, w1, a[m][1]);
         }
       }
-      for (int m = 0; m < M; ++m) {
-        _mm512_storeu_ps(acc + m * len + j, a[m][0]);
-        _mm512_storeu_ps(acc + m * len + j + 16, a[m][1]);
-      }
+      store_sums<M>(a, acc, len, j);
     }
   }
 #else
@@ -568,14 +589,8 @@ void accumulate_batch_tile_bf16(float* RS_RESTRICT acc, int64_t len, const bf16_
       if (left <= 0) break;
       const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
       __m512 a[M][2];
-      for (int m = 0; m < M; ++m) {
-        a[m][0] = _mm512_loadu_ps(acc + m * len + j);
-        a[m][1] = _mm512_loadu_ps(acc + m * len + j + 16);
-      }
-#if RS_BATCH_PF
-      for (int64_t r = s + RS_BATCH_PF * RS_ROWS; r < std::min<int64_t>(U, s + (RS_BATCH_PF + 1) * RS_ROWS); ++r)
-        RS_PREFETCH(Wt + rows[r] * ldw + j0 + j);
-#endif
+      load_sums<M>(a, acc, len, j);
+      prefetch_row_group(Wt, ldw, j0 + j, rows, s, U);
       for (int64_t r = 0; r < G; r += 2) {
         const bf16_t* p0 = Wt + rows[s + r] * ldw + j0 + j;
         const bf16_t* p1 = r + 1 < G ? Wt + rows[s + r + 1] * ldw + j0 + j : p0;  // (its values are 0)
@@ -590,10 +605,7 @@ void accumulate_batch_tile_bf16(float* RS_RESTRICT acc, int64_t len, const bf16_
           a[m][1] = _mm512_dpbf16_ps(a[m][1], hi, vb);
         }
       }
-      for (int m = 0; m < M; ++m) {
-        _mm512_storeu_ps(acc + m * len + j, a[m][0]);
-        _mm512_storeu_ps(acc + m * len + j + 16, a[m][1]);
-      }
+      store_sums<M>(a, acc, len, j);
     }
   }
 }
@@ -1192,6 +1204,15 @@ void dense_gemv_rows(const W* w, int64_t out, int64_t in, const float* x, const 
 }
 
 // ------------------------------ validation ---------------------------------
+// x is one token of `in` features, or (several_tokens) any number of them: (..., in).
+void check_tokens(const at::Tensor& x, int64_t in, bool several_tokens) {
+  if (several_tokens) {
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "x has ", x.dim() ? x.size(-1) : 0, " features but in=", in);
+  } else {
+    TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but in=", in);
+  }
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& weight_t,
                   const std::optional<at::Tensor>& bias, bool several_tokens = false) {
   TORCH_CHECK(x.device().is_cpu() && weight_t.device().is_cpu(),
@@ -1203,13 +1224,7 @@ void check_common(const at::Tensor& x, const at::Tensor& weight_t,
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                   x.scalar_type() == at::kHalf,
               "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
-  if (several_tokens) {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight_t.size(0), "x has ", x.dim() ? x.size(-1) : 0,
-                " features but weight_t has in=", weight_t.size(0));
-  } else {
-    TORCH_CHECK(x.numel() == weight_t.size(0), "x has ", x.numel(),
-                " elements (one token expected) but weight_t has in=", weight_t.size(0));
-  }
+  check_tokens(x, weight_t.size(0), several_tokens);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->device().is_cpu(), "bias must be on the CPU");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight_t.size(1), "bias must have shape (",
@@ -1370,11 +1385,7 @@ void check_quantized(const at::Tensor& x, const at::Tensor& qweight_t, const at:
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                   x.scalar_type() == at::kHalf,
               "unsupported dtype ", x.scalar_type(), " (float32, bfloat16, float16)");
-  if (several_tokens) {
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "x has ", x.dim() ? x.size(-1) : 0, " features but in=", in);
-  } else {
-    TORCH_CHECK(x.numel() == in, "x has ", x.numel(), " elements (one token expected) but in=", in);
-  }
+  check_tokens(x, in, several_tokens);
   TORCH_CHECK(keep_k >= 0 && keep_k <= in, "keep_k=", keep_k, " out of range [0, ", in, "]");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == out,
