@@ -11,9 +11,10 @@ come from DRAM, as in decoding):
 * ``kernel s``     -- ``topk_gemv(x, weight_t, None, K)``, K = round(in * (1 - s)): every token's Top-K, one pass
   over the union of the M tokens' kept rows (up to 8 tokens per pass)
 
-``--dtypes int8``: the same with `weight_bits=8` weights (bfloat16 activations; ``kernel``: `topk_gemv_int8`;
-``masked``: the weight dequantized per call, then the masked product, as `QuantizedTopKLinear` runs it above
-``KERNEL_MAX_TOKENS`` tokens).
+``--dtypes int8 int4``: the same with `weight_bits=8` / `weight_bits=4` weights (``--group-size`` input channels per
+int4 scale; bfloat16 activations; ``kernel``: `topk_gemv_int8` / `topk_gemv_int4`; ``masked``: the weight
+dequantized per call, then the masked product -- for int4 of the kept activations rounded to int8 per group, the
+kernel's function -- as `QuantizedTopKLinear` runs it above its kernel's token limit).
 
 x: M independent standard-normal tokens, so the union of their kept rows is as large as it gets (``rows read``:
 its share of ``in``, averaged); a real batch's tokens share their large channels, and read fewer.
@@ -33,8 +34,9 @@ import sys
 
 import torch
 
-from rotsparse.kernels import build_extension, topk_gemv, topk_gemv_int8, topk_indices, topk_mask
-from rotsparse.quantize import dequantize, quantize_int8
+from rotsparse.kernels import build_extension, topk_gemv, topk_gemv_int4, topk_gemv_int8, topk_indices, topk_mask
+from rotsparse.kernels.reference import group_int8_activations
+from rotsparse.quantize import dequantize, quantize_int4, quantize_int8
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernel import LLAMA2_7B_SHAPES, llc_bytes, quantized_header, time_interleaved  # noqa: E402
@@ -56,12 +58,13 @@ def union_share(x: torch.Tensor, keep_k: int) -> float:
 
 
 def bench_shape(n_in: int, n_out: int, weights_name: str, tokens: list[int], sparsities: list[float], reps: int,
-                pool_bytes: int) -> list[dict]:
-    """weights_name: a float dtype, or "int8" (`weight_bits=8`: bfloat16 activations, the kernel on the int8 rows,
-    the masked product on the weight dequantized per call, as `QuantizedTopKLinear` runs it)."""
-    int8 = weights_name == "int8"
-    dtype = torch.bfloat16 if int8 else getattr(torch, weights_name)
-    size = n_in * n_out * (1 if int8 else torch.empty((), dtype=dtype).element_size())
+                pool_bytes: int, group_size: int = 32) -> list[dict]:
+    """weights_name: a float dtype, or "int8" / "int4" (`weight_bits` 8 / 4: bfloat16 activations, the kernel on
+    the quantized rows, the masked product on the weight dequantized per call, as `QuantizedTopKLinear` runs it)."""
+    int8, int4 = weights_name == "int8", weights_name == "int4"
+    dtype = torch.bfloat16 if int8 or int4 else getattr(torch, weights_name)
+    size = n_in * n_out * (1 if int8 else 0.5 if int4 else torch.empty((), dtype=dtype).element_size())
+    size = int(size)
     n_buf = max(3, -(-pool_bytes // size))
     generator = torch.Generator().manual_seed(0)
     weights = [(torch.randn(n_out, n_in, generator=generator) / n_in ** 0.5).to(dtype) for _ in range(n_buf)]
@@ -73,6 +76,15 @@ def bench_shape(n_in: int, n_out: int, weights_name: str, tokens: list[int], spa
 
         def masked_product(x, i, k):
             return torch.nn.functional.linear(topk_mask(x, k), dequantize(*quantized[i], 8, dtype).t())
+    elif int4:
+        quantized = [quantize_int4(weight.t(), group_size) for weight in weights]
+
+        def gemv(x, i, k):
+            return topk_gemv_int4(x, *quantized[i], None, k)
+
+        def masked_product(x, i, k):
+            kept = group_int8_activations(topk_mask(x, k), group_size).to(dtype)
+            return torch.nn.functional.linear(kept, dequantize(*quantized[i], 4, dtype).t())
     else:
         weights_t = [weight.t().contiguous() for weight in weights]
 
@@ -110,7 +122,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                        help="weights: float dtypes, or int8 (weight_bits=8, bfloat16 activations)")
+                        help="weights: float dtypes, or int8 / int4 (weight_bits 8 / 4, bfloat16 activations)")
+    parser.add_argument("--group-size", type=int, default=32, help="int4: input channels per scale")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
     parser.add_argument("--reps", type=int, default=10, help="passes over the weight pool per method")
@@ -123,7 +136,8 @@ def main(argv=None) -> None:
     rows = []
     for weights_name in args.dtypes:
         for _, n_in, n_out, _ in LLAMA2_7B_SHAPES:
-            rows += bench_shape(n_in, n_out, weights_name, args.tokens, args.sparsity, args.reps, pool)
+            rows += bench_shape(n_in, n_out, weights_name, args.tokens, args.sparsity, args.reps, pool,
+                                args.group_size)
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     lines = ["# Several tokens per call: Top-K kernel vs masked product vs dense", "",
              *quantized_header(command, pool, args.reps, "median"),

@@ -75,8 +75,9 @@ def quantize(weight_t: Tensor, weight_bits: int, group_size: int) -> tuple[Tenso
 
 def dequantize(qweight: Tensor, scales: Tensor, weight_bits: int, dtype: torch.dtype) -> Tensor:
     """The (in, out) weight a quantized one stands for, in `dtype`; `scales` as floats (`scale_values`)."""
-    if weight_bits == 8:
-        return (qweight.double() * scales.double()).to(dtype)
+    if weight_bits == 8:  # int8 times a float32 scale: one rounding in float32 or wider
+        wide = torch.promote_types(dtype, torch.float32)
+        return (qweight.to(wide) * scales.to(wide)).to(dtype)
     n_in = qweight.shape[0]
     groups, n_out = scales.shape
     values = unpack_int4(qweight, n_out).float() - 8  # exact in float32: 4-bit values times float16 scales

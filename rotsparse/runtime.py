@@ -155,8 +155,8 @@ class QuantizedTopKLinear(TopKLinear):
     kept input channel is one contiguous row of bytes and casting the model leaves them untouched. There is no
     ``weight`` parameter (`dequantized_weight` gives the float weight it stands for).
 
-    Single-token inference runs the int8 / int4 Top-K kernel, and with int8 weights so do up to
-    `kernels.INT8_KERNEL_MAX_TOKENS` tokens on the CPU; everything else (longer prefills, int4 batches, block or L2
+    Single-token inference runs the int8 / int4 Top-K kernel, and so do up to `kernels.INT8_KERNEL_MAX_TOKENS` /
+    `kernels.INT4_KERNEL_MAX_TOKENS` tokens per call on the CPU; everything else (longer prefills, block or L2
     modes) the dense-masked path on the dequantized weight, the same function: with int4 weights both round the
     kept activations to int8 per weight group (`kernels.reference.group_int8_activations`; straight-through in
     training).
@@ -197,8 +197,10 @@ class QuantizedTopKLinear(TopKLinear):
         if self._is_decode_step(x) and not self.block_size and not self.l2_rescale:
             gemv = kernels.topk_gemv_int8 if self.weight_bits == 8 else kernels.topk_gemv_int4
             return gemv(x, self.qweight, self.scales, self.bias, self.keep_k)
-        if self.weight_bits == 8 and self._is_batched_step(x, kernels.INT8_KERNEL_MAX_TOKENS):  # (int4: masked)
+        if self.weight_bits == 8 and self._is_batched_step(x, kernels.INT8_KERNEL_MAX_TOKENS):
             return kernels.topk_gemv_int8(x, self.qweight, self.scales, self.bias, self.keep_k)
+        if self.weight_bits == 4 and self._is_batched_step(x, kernels.INT4_KERNEL_MAX_TOKENS):
+            return kernels.topk_gemv_int4(x, self.qweight, self.scales, self.bias, self.keep_k)
         weight = self.dequantized_weight(x.dtype)
         sparse = x if self.kept_per_token >= self.in_features else sparsify_activation(
             x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,

@@ -102,8 +102,8 @@ def test_ops_have_fake_implementations():
 
 def test_bad_kernel_arguments_are_refused():
     packed, scales = quantize_int4(torch.randn(64, 48), 16)
-    with pytest.raises(ValueError, match="one token"):
-        topk_gemv_int4(torch.randn(2, 64), packed, scales, None, 8)
+    with pytest.raises(ValueError, match="features expected"):
+        topk_gemv_int4(torch.randn(2, 63), packed, scales, None, 8)
     with pytest.raises(TypeError, match="float16 scales"):
         topk_gemv_int4(torch.randn(64), packed, scales.float(), None, 8)
     with pytest.raises(ValueError, match="keep_k"):
@@ -231,18 +231,68 @@ def test_int8_several_tokens_equal_the_masked_product(dtype):
     torch.library.opcheck(torch.ops.rotsparse.topk_gemv_int8.default, (torch.randn(3, 200), qweight, scale, None, 50))
 
 
-def test_int8_batched_generation_takes_the_kernel_and_equals_the_masked_path(monkeypatch):
-    model = quantized(8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_in, n_out, group", [(256, 80, 32), (192, 528, 64)])  # out % 32 = 16 / 16
+def test_int4_several_tokens_equal_the_reference_and_one_token_at_a_time(dtype, n_in, n_out, group):
+    """int4 weights, several tokens per call (passes of up to 8 tokens over the union of their kept rows): every
+    token's own Top-K and its own int8 rounding per group, so each token's output is the one-token kernel's and the
+    reference's; K from 0 to in, with and without bias; the op traces (fake) for several tokens too."""
+    packed, scales = quantize_int4(torch.randn(n_in, n_out), group)
+    bias = torch.randn(n_out).to(dtype)
+    for tokens in ((2,), (3, 3), (5,), (17,)):  # passes of 2; 8 + 1; 5; 8 + 8 + 1 tokens
+        count = int(torch.tensor(tokens).prod())
+        x = (torch.randn(*tokens, n_in) * torch.linspace(0.5, 1.5, count).reshape(*tokens, 1)).to(dtype)
+        for keep_k in (0, 1, n_in // 3, n_in):
+            for b in (None, bias):
+                got = topk_gemv_int4(x, packed, scales, b, keep_k)
+                assert got.shape == (*tokens, n_out) and got.dtype == dtype
+                one_at_a_time = torch.stack([topk_gemv_int4(t, packed, scales, b, keep_k)
+                                             for t in x.reshape(-1, n_in)]).reshape(got.shape)
+                weight = dequantize(packed, scales, 4, torch.float64)
+                expected = group_int8_activations(topk_mask(x.double(), keep_k), group).double() @ weight
+                expected = expected if b is None else expected + b.double()
+                tolerance = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.1)
+                torch.testing.assert_close(got.double(), expected, **tolerance)
+                torch.testing.assert_close(got.double(), one_at_a_time.double(), **tolerance)
+                torch.testing.assert_close(got, topk_gemv_int4_torch(x, packed, scales, b, keep_k), **tolerance)
+    torch.library.opcheck(torch.ops.rotsparse.topk_gemv_int4.default, (torch.randn(3, n_in), packed, scales, None, 50))
+
+
+def test_int4_several_tokens_read_only_the_union_of_their_kept_rows():
+    """Poison every row no token keeps and the scales of groups where no token keeps a row: the output is finite
+    and equals the unpoisoned reference."""
+    n_in, n_out, group = 128, 96, 32
+    packed, scales = quantize_int4(torch.randn(n_in, n_out), group)
+    x = torch.full((3, n_in), 0.01)
+    kept = [torch.tensor([3, 8, 40]), torch.tensor([8, 41, 100]), torch.tensor([5, 44, 127])]  # group 2 unused
+    for token, rows in zip(x, kept):
+        token[rows] = torch.linspace(1, 2, len(rows))
+    expected = topk_gemv_int4_torch(x, packed, scales, None, 3)
+    union = torch.zeros(n_in, dtype=torch.bool)
+    union[torch.cat(kept)] = True
+    packed[~union] = 0xFF
+    scales[2] = float("nan")
+    torch.testing.assert_close(topk_gemv_int4(x, packed, scales, None, 3), expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_batched_generation_takes_the_quantized_kernel_and_equals_the_masked_path(monkeypatch, bits):
+    model = quantized(bits)
     calls = []
-    real = rotsparse.kernels.topk_gemv_int8
-    monkeypatch.setattr(rotsparse.kernels, "topk_gemv_int8", lambda x, *rest: calls.append(x.shape) or real(x, *rest))
+    name = f"topk_gemv_int{bits}"
+    real = getattr(rotsparse.kernels, name)
+    monkeypatch.setattr(rotsparse.kernels, name, lambda x, *rest: calls.append(x.shape) or real(x, *rest))
     tokens = random_tokens(num_sequences=3, length=6, seed=5)
     settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         with_kernels = model.generate(tokens, **settings)
-        assert any(shape[0] == 3 and shape[1] == 1 for shape in calls)  # batch-3 decode steps
+        assert any(shape[:2] == (3, 6) for shape in calls)  # the prompts
+        assert any(shape[:2] == (3, 1) for shape in calls)  # batch-3 decode steps
         set_kernels(model, False)
         masked = model.generate(tokens, **settings)
     assert torch.equal(with_kernels.sequences, masked.sequences)
+    # int4: both paths round the activations to int8 per group, so an activation that upstream float32 rounding
+    # moves across a rounding boundary changes by a whole step in one path only
+    tolerance = 1e-4 if bits == 8 else 2e-3
     for got, want in zip(with_kernels.logits, masked.logits):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)

@@ -53,10 +53,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .build import INT8_KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
+from .build import INT4_KERNEL_MAX_TOKENS, INT8_KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS, NATIVE_DTYPES, build_extension, cpp_ext, kernel_backend
 from .reference import RESIDUAL_GROUP, check_keep_k, to_input_major, topk_mask
 
 __all__ = [
+    "INT4_KERNEL_MAX_TOKENS",
     "INT8_KERNEL_MAX_TOKENS",
     "KERNEL_MAX_TOKENS",
     "build_extension",
@@ -195,17 +196,20 @@ def topk_gemv_int8(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[T
 
 
 def topk_gemv_int4(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Fused Top-K + sparse GEMV for ONE token through a packed int4 weight.
+    """Fused Top-K + sparse GEMV through a packed int4 weight, per token.
 
     packed_t: (in, out / 2) uint8, two 4-bit values n in [0, 15] per byte along the output dimension
     (`reference.pack_int4`); scales: (in / group, out) float16; the weight is ``scales[i // group, j] *
     (n[i, j] - 8)``. The kept activations are rounded to int8 with one scale per weight group (max |x| / 127, as
     llama.cpp's Q8_0 activations; `reference.group_int8_activations`) so that a group's rows are integer dot
     products (VNNI where the CPU has it). Only the kept rows and the scale rows of their groups are read;
-    ``keep_k = in`` is the dense int4 GEMV. Shapes of x and the output as in :func:`topk_gemv_int8`. Custom op
+    ``keep_k = in`` is the dense int4 GEMV. x: (..., in), one token or several; on the CPU several tokens go in
+    passes of up to 8 over the union of their kept rows, each 4-row block of the weight unpacked once for all of
+    them (VNNI CPUs; elsewhere token by token). Shapes of x and the output as in :func:`topk_gemv_int8`. Custom op
     ``torch.ops.rotsparse.topk_gemv_int4``.
     """
-    _check_quantized_args(x, packed_t, scales, bias, torch.uint8, torch.float16, scales.shape[-1])
+    _check_quantized_args(x, packed_t, scales, bias, torch.uint8, torch.float16, scales.shape[-1],
+                          several_tokens=True)
     n_in = packed_t.shape[0]
     if scales.dim() != 2 or scales.shape[1] != 2 * packed_t.shape[1] or not 0 < scales.shape[0] <= n_in \
             or n_in % scales.shape[0]:
@@ -304,7 +308,7 @@ def topk_indices(x: Tensor, keep_k: int) -> Tensor:
 
 def several_tokens_on_cpu(x: Tensor, width: int, max_tokens: int = KERNEL_MAX_TOKENS) -> bool:
     """x holds 2 to `max_tokens` tokens of `width` features on the CPU: a call the C++ `topk_gemv` (and
-    `topk_gemv_int8`) takes in its several-token form rather than the caller's masked product."""
+    `topk_gemv_int8` / `topk_gemv_int4`) takes in its several-token form rather than the caller's masked product."""
     return x.device.type == "cpu" and width < x.numel() <= max_tokens * width
 
 

@@ -24,6 +24,10 @@ INT8_KERNEL_MAX_TOKENS = 1024
 """The same for int8 weights (`topk_gemv_int8`), whose alternative dequantizes the weight on every call: the kernel
 is 36-190x faster at 2-16 tokens, 10-13x at 64, 2.9-3.6x at 256 and 1.2-1.3x at 1024 tokens per Llama-2-7B
 matrix (eval/results/batch_kernel_int8.md, batch_kernel_int8_long.md)."""
+INT4_KERNEL_MAX_TOKENS = 1024
+"""The same for int4 weights (`topk_gemv_int4`, whose alternative also dequantizes on every call): 71-396x faster
+than it at 2-16 tokens, 19-29x at 64, 5.2-7.4x at 256 and 2.1-2.6x at 1024 tokens per Llama-2-7B matrix
+(eval/results/batch_kernel_int4.md, batch_kernel_int4_long.md)."""
 
 
 def _build_flag_sets() -> list[tuple[list[str], list[str]]]:

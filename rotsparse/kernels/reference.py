@@ -171,11 +171,15 @@ def group_int8_activations(x: Tensor, group_size: int) -> Tensor:
 
 
 def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
-    """Top-K GEMV of one token x (in,) through a packed int4 weight packed_t (in, out / 2) with group scales
+    """Top-K GEMV of the tokens x (..., in) through a packed int4 weight packed_t (in, out / 2) with group scales
     (in / group, out) float16: ``xq[kept] @ (scales[kept // group] * (nibbles[kept] - 8)) (+ bias)``, xq the kept
-    activations rounded to int8 per group (`group_int8_activations`)."""
+    activations rounded to int8 per group (`group_int8_activations`); float32 accumulation."""
     n_in = packed_t.shape[0]
     groups, n_out = scales.shape
+    if x.numel() != n_in:
+        weight = (unpack_int4(packed_t, n_out).float() - 8) * scales.float().repeat_interleave(n_in // groups, 0)
+        acc = group_int8_activations(topk_mask(x, keep_k), n_in // groups) @ weight
+        return (acc if bias is None else acc + bias.float()).to(x.dtype)
     x1 = x.reshape(n_in)
     indices = topk_indices_torch(x1, keep_k)
     rows = unpack_int4(packed_t.index_select(0, indices), n_out).float() - 8

@@ -93,6 +93,12 @@ void run_threads(int nthreads, const Body& body) {
 #ifndef RS_INT4_TILE_COLS
 #define RS_INT4_TILE_COLS 4096  // max output columns of an int4 tile
 #endif
+#ifndef RS_INT4_BATCH_TILE_COLS
+#define RS_INT4_BATCH_TILE_COLS 4096  // max output columns of a several-token int4 tile
+#endif
+#ifndef RS_INT4_BATCH_QUADS
+#define RS_INT4_BATCH_QUADS 2  // several-token int4: quads of 4 rows per pass over the int32 sums
+#endif
 #ifndef RS_INT4_QUADS
 #define RS_INT4_QUADS 2  // VNNI int4: quads of 4 rows per pass over the int32 accumulators
 #endif
@@ -854,6 +860,12 @@ void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* R
 }
 
 #if RS_INT4_VNNI
+// Byte 4c + k of the permuted vector = byte c of row k's 16-byte slice (four rows' slices in the four 128-bit lanes).
+alignas(64) constexpr uint8_t kInt4Interleave[64] = {
+    0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
+    37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
+    11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
 // ip[0..nfull) += sum_r q[r] * n[idx[r], j0 + j] (int32) for rows idx[s0..s1) of one
 // group, nfull a multiple of 32.  Rows stream in passes of RS_INT4_QUADS x 4 rows over
 // the accumulators (whole rows: scattered rows read column-block by column-block thrash
@@ -864,12 +876,7 @@ void accumulate_int4_rows(float* RS_RESTRICT part, int64_t len, const uint8_t* R
 void accumulate_int4_rows_vnni(int32_t* RS_RESTRICT ip, int64_t nfull, const uint8_t* RS_RESTRICT P,
                                int64_t ldp, int64_t j0, const int64_t* RS_RESTRICT idx,
                                const int8_t* RS_RESTRICT q, int64_t s0, int64_t s1, int64_t K) {
-  // Byte 4c + k of the permuted vector = byte c of row k's 16-byte slice.
-  alignas(64) static constexpr uint8_t kInterleave[64] = {
-      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21,
-      37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
-      11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
-  const __m512i perm = _mm512_load_si512(kInterleave);
+  const __m512i perm = _mm512_load_si512(kInt4Interleave);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   constexpr int Q = RS_INT4_QUADS;
   for (int64_t s = s0; s < s1; s += 4 * Q) {
@@ -1016,6 +1023,267 @@ void gemv_rows_int4(const uint8_t* P, const c10::Half* S, int64_t out, int64_t g
                         act.xq.data() + r0, n, part.data());
       },
       [&](int64_t j, float v) { io<Y>::store(y + j, bias ? v + bias[j] : v); });
+}
+
+// ---------------------------------------------------------------------------
+// Several tokens through an int4 weight: passes of RS_BATCH_TOKENS tokens over the union of their kept rows.
+// Every token's kept activations are rounded to int8 per weight group exactly as for one token
+// (quantize_group_activations); a union row a token does not keep has activation 0 for it. Per group, the
+// union rows go in quads (padded with activation 0), and each quad's 32-column block is unpacked and
+// interleaved once and multiplied by every token's four activations (vpdpbusd): the packed weight is read
+// once per pass. Per token, column and group the int32 sum p = sum_r q[r] * (n[r, j] - 8) is exact, so the
+// result is the one-token kernel's up to float32 summation order: acc[j] += scales[g, j] * d * p.
+// ---------------------------------------------------------------------------
+struct Int4Pass {
+  int M = 0;                        // tokens in the pass
+  std::vector<int64_t> quad_rows;   // (quads, 4) weight rows; padding repeats the quad's first row
+  std::vector<uint32_t> quad_act;   // (quads, M) four int8 activations, the quad's first row in the low byte
+  std::vector<int64_t> groups;      // weight groups holding a union row, ascending
+  std::vector<int64_t> group_quads; // (groups + 1) offsets into the quads
+  std::vector<float> d;             // (groups, M) each token's activation scale (0 where it keeps no row)
+  std::vector<int32_t> qsum;        // (groups, M) sum of each token's activations over the group
+};
+
+template <typename X>
+Int4Pass int4_pass(const X* x, int M, int64_t n, int64_t keep_k, int64_t group) {
+  Int4Pass pass;
+  pass.M = M;
+  std::vector<int8_t> q(static_cast<size_t>(n * M), 0);
+  std::vector<float> dg(static_cast<size_t>(n / group * M), 0.f);
+  std::vector<uint8_t> used(static_cast<size_t>(n), 0);
+  std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
+  std::vector<float> xs(idx.size());
+  for (int m = 0; m < M; ++m) {
+    const int64_t K = select_topk<X>(x + m * n, n, keep_k, idx.data(), xs.data());
+    const GroupInt8 a = quantize_group_activations(idx.data(), xs.data(), K, group);
+    for (int64_t s = 0; s < K; ++s) {
+      q[idx[s] * M + m] = a.q[s];
+      dg[idx[s] / group * M + m] = a.d[s];
+      used[idx[s]] = 1;
+    }
+  }
+  pass.group_quads.push_back(0);
+  std::vector<int64_t> rows;
+  for (int64_t g = 0; g < n / group; ++g) {
+    rows.clear();
+    for (int64_t i = g * group; i < (g + 1) * group; ++i)
+      if (used[i]) rows.push_back(i);
+    if (rows.empty()) continue;
+    pass.groups.push_back(g);
+    for (int m = 0; m < M; ++m) {
+      int32_t sum = 0;
+      for (int64_t r : rows) sum += q[r * M + m];
+      pass.d.push_back(dg[g * M + m]);
+      pass.qsum.push_back(sum);
+    }
+    for (size_t s = 0; s < rows.size(); s += 4) {
+      for (size_t k = 0; k < 4; ++k) pass.quad_rows.push_back(s + k < rows.size() ? rows[s + k] : rows[s]);
+      for (int m = 0; m < M; ++m) {
+        uint32_t packed = 0;
+        for (size_t k = 0; k < 4 && s + k < rows.size(); ++k)
+          packed |= uint32_t(uint8_t(q[rows[s + k] * M + m])) << (8 * k);
+        pass.quad_act.push_back(packed);
+      }
+    }
+    pass.group_quads.push_back(static_cast<int64_t>(pass.quad_rows.size() / 4));
+  }
+  return pass;
+}
+
+#if RS_INT4_VNNI
+// The 32 columns at byte offset `off` of the quad's four rows pu[0..4) as two vectors whose int32 lanes hold one
+// column's four nibbles (columns 0-15, then 16-31; the packed layout above), for vpdpbusd.
+inline void int4_quad_nibbles(const uint8_t* const* pu, int64_t off, __m512i perm, __m512i low4, __m512i& lo,
+                              __m512i& hi) {
+  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[0] + off)));
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[1] + off)), 1);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[2] + off)), 2);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[3] + off)), 3);
+  lo = _mm512_permutexvar_epi8(perm, _mm512_and_si512(v, low4));
+  hi = _mm512_permutexvar_epi8(perm, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+}
+
+// acc[m][j] += scales[j] * d[m] * (sums[m][j] - 8 * qsum[m]) for the 32 columns at j (sums: int32 vectors).
+template <int M>
+inline void int4_scale_sums(float* acc, int64_t len, int64_t j, const c10::Half* sg, const float* d,
+                            const int32_t* qsum, const __m512i (&sums)[M][2]) {
+  const __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + j)));
+  const __m512 sc1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + j + 16)));
+  for (int m = 0; m < M; ++m) {
+    const __m512i off = _mm512_set1_epi32(8 * qsum[m]);
+    const __m512 dm = _mm512_set1_ps(d[m]);
+    float* am = acc + m * len + j;
+    _mm512_storeu_ps(am, _mm512_fmadd_ps(_mm512_mul_ps(dm, sc0), _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[m][0], off)),
+                                         _mm512_loadu_ps(am)));
+    _mm512_storeu_ps(am + 16, _mm512_fmadd_ps(_mm512_mul_ps(dm, sc1),
+                                              _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[m][1], off)),
+                                              _mm512_loadu_ps(am + 16)));
+  }
+}
+#endif
+
+#ifndef RS_INT4_BATCH_STREAM_MAX
+#define RS_INT4_BATCH_STREAM_MAX 4  // several-token int4: up to this many tokens per pass, rows streamed whole
+#endif
+
+// acc (M rows of `len` sums, stride len) += the pass's tokens through columns j0 + [0, len) of the packed
+// weight P (in, out / 2) with group scales S (in / group, out); j0 a multiple of 32. ibuf: M * len int32.
+// Up to RS_INT4_BATCH_STREAM_MAX tokens (little work per byte: bandwidth-bound) a group's quads go
+// RS_INT4_BATCH_QUADS at a time along the whole tile with the int32 sums in ibuf, so rows stream in long
+// runs; more tokens (compute-bound) keep every token's sums of a 32-column block in registers over all the
+// group's quads (fewer instructions per quad). Measured in eval/results/batch_kernel_int4.md.
+template <int M>
+void accumulate_int4_batch_tile(float* RS_RESTRICT acc, int32_t* RS_RESTRICT ibuf, int64_t len, const uint8_t* P,
+                                const c10::Half* S, int64_t out, int64_t j0, const Int4Pass& pass) {
+  const int64_t ldp = out / 2;
+  const int64_t ngroups = static_cast<int64_t>(pass.groups.size());
+  int64_t first = 0;  // columns [first, len) in scalar code below
+#if RS_INT4_VNNI
+  const int64_t full = std::min(len, (out / kInt4Block) * kInt4Block - j0);
+  first = std::max<int64_t>(0, full) / kInt4Block * kInt4Block;
+  const __m512i perm = _mm512_load_si512(kInt4Interleave);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t nquads = static_cast<int64_t>(pass.quad_rows.size() / 4);
+  for (int64_t u = 0; u < ngroups; ++u) {
+    const c10::Half* sg = S + pass.groups[u] * out + j0;
+    const int64_t q0 = pass.group_quads[u], q1 = pass.group_quads[u + 1];
+    const float* d = pass.d.data() + u * M;
+    const int32_t* qsum = pass.qsum.data() + u * M;
+    if constexpr (M <= RS_INT4_BATCH_STREAM_MAX) {
+      constexpr int Q = RS_INT4_BATCH_QUADS;
+      std::memset(ibuf, 0, sizeof(int32_t) * M * first);
+      for (int64_t qd = q0; qd < q1; qd += Q) {
+        const int quads = static_cast<int>(std::min<int64_t>(Q, q1 - qd));
+        const uint8_t* p[4 * Q];
+        const uint8_t* next[4 * Q];
+        for (int r = 0; r < 4 * Q; ++r) {
+          const int64_t q = std::min<int64_t>(qd + r / 4, q1 - 1), qn = qd + Q + r / 4;
+          p[r] = P + pass.quad_rows[4 * q + r % 4] * ldp + j0 / 2;
+          next[r] = qn < nquads ? P + pass.quad_rows[4 * qn + r % 4] * ldp + j0 / 2 : p[r];
+        }
+        const uint32_t* a = pass.quad_act.data() + qd * M;
+        for (int64_t j = 0; j < first; j += kInt4Block) {
+          if ((j & (4 * kInt4Block - 1)) == 0)  // the next pass's rows, as these stream
+            for (int r = 0; r < 4 * quads; ++r) RS_PREFETCH(next[r] + j / 2);
+          __m512i sums[M][2];
+          for (int m = 0; m < M; ++m) {
+            sums[m][0] = _mm512_loadu_si512(ibuf + m * first + j);
+            sums[m][1] = _mm512_loadu_si512(ibuf + m * first + j + 16);
+          }
+          for (int v = 0; v < quads; ++v) {
+            __m512i lo, hi;
+            int4_quad_nibbles(p + 4 * v, j / 2, perm, low4, lo, hi);
+            for (int m = 0; m < M; ++m) {
+              const __m512i am = _mm512_set1_epi32(static_cast<int32_t>(a[v * M + m]));
+              sums[m][0] = _mm512_dpbusd_epi32(sums[m][0], lo, am);
+              sums[m][1] = _mm512_dpbusd_epi32(sums[m][1], hi, am);
+            }
+          }
+          for (int m = 0; m < M; ++m) {
+            _mm512_storeu_si512(ibuf + m * first + j, sums[m][0]);
+            _mm512_storeu_si512(ibuf + m * first + j + 16, sums[m][1]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < first; j += kInt4Block) {
+        __m512i sums[M][2];
+        for (int m = 0; m < M; ++m) {
+          sums[m][0] = _mm512_loadu_si512(ibuf + m * first + j);
+          sums[m][1] = _mm512_loadu_si512(ibuf + m * first + j + 16);
+        }
+        int4_scale_sums<M>(acc, len, j, sg, d, qsum, sums);
+      }
+    } else {
+      for (int64_t j = 0; j < first; j += kInt4Block) {
+        __m512i sums[M][2];
+        for (int m = 0; m < M; ++m) sums[m][0] = sums[m][1] = _mm512_setzero_si512();
+        for (int64_t qd = q0; qd < q1; ++qd) {
+          const int64_t* r = pass.quad_rows.data() + 4 * qd;
+          const uint8_t* pu[4] = {P + r[0] * ldp + j0 / 2, P + r[1] * ldp + j0 / 2, P + r[2] * ldp + j0 / 2,
+                                  P + r[3] * ldp + j0 / 2};
+          if ((j & (4 * kInt4Block - 1)) == 0)  // the rows' next cache lines
+            for (int k = 0; k < 4; ++k) RS_PREFETCH(pu[k] + j / 2 + 64);
+          __m512i lo, hi;
+          int4_quad_nibbles(pu, j / 2, perm, low4, lo, hi);
+          const uint32_t* a = pass.quad_act.data() + qd * M;
+          for (int m = 0; m < M; ++m) {
+            const __m512i am = _mm512_set1_epi32(static_cast<int32_t>(a[m]));
+            sums[m][0] = _mm512_dpbusd_epi32(sums[m][0], lo, am);
+            sums[m][1] = _mm512_dpbusd_epi32(sums[m][1], hi, am);
+          }
+        }
+        int4_scale_sums<M>(acc, len, j, sg, d, qsum, sums);
+      }
+    }
+  }
+#endif
+  if (first >= len) return;
+  std::vector<int32_t> p(static_cast<size_t>(M * (len - first)));
+  for (int64_t u = 0; u < ngroups; ++u) {
+    const c10::Half* sg = S + pass.groups[u] * out + j0;
+    std::fill(p.begin(), p.end(), 0);
+    for (int64_t qd = pass.group_quads[u]; qd < pass.group_quads[u + 1]; ++qd)
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* row = P + pass.quad_rows[4 * qd + k] * ldp;
+        for (int m = 0; m < M; ++m) {
+          const int32_t a = int8_t(pass.quad_act[qd * M + m] >> (8 * k));
+          if (a == 0) continue;
+          int32_t* pm = p.data() + m * (len - first);
+          for (int64_t c = first; c < len; ++c) pm[c - first] += a * (int4_at(row, out, j0 + c) - 8);
+        }
+      }
+    for (int m = 0; m < M; ++m) {
+      const float dm = pass.d[u * M + m];
+      for (int64_t c = first; c < len; ++c)
+        acc[m * len + c] += static_cast<float>(sg[c]) * dm * float(p[m * (len - first) + c - first]);
+    }
+  }
+}
+
+// The pass's M tokens through the int4 weight: store(m, j, sum) for every token m and output column j.
+template <int M, typename Store>
+void int4_batch_rows(const uint8_t* P, const c10::Half* S, int64_t out, const Int4Pass& pass, const Store& store) {
+  constexpr int64_t kAlign = 4 * kInt4Block;  // 64 bytes of a packed row
+  int nthreads = std::max(1, at::get_num_threads());
+  if (static_cast<int64_t>(pass.quad_rows.size()) * out * M < (int64_t(1) << 15)) nthreads = 1;
+  const int64_t blocks = (out + kAlign - 1) / kAlign;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, blocks));
+  const int64_t max_tile = RS_INT4_BATCH_TILE_COLS / kAlign * kAlign;
+  run_threads(nthreads, [&](int t) {
+    const int64_t c0 = std::min(out, blocks * t / nthreads * kAlign);
+    const int64_t c1 = std::min(out, blocks * (t + 1) / nthreads * kAlign);
+    if (c0 >= c1) return;
+    std::vector<float> acc(static_cast<size_t>(M * std::min(max_tile, c1 - c0)));
+    std::vector<int32_t> ibuf(acc.size());  // a group's int32 sums (VNNI)
+    for (int64_t j0 = c0; j0 < c1; j0 += max_tile) {
+      const int64_t len = std::min(max_tile, c1 - j0);
+      std::fill(acc.begin(), acc.begin() + M * len, 0.f);
+      accumulate_int4_batch_tile<M>(acc.data(), ibuf.data(), len, P, S, out, j0, pass);
+      for (int m = 0; m < M; ++m)
+        for (int64_t j = 0; j < len; ++j) store(m, j0 + j, acc[m * len + j]);
+    }
+  });
+}
+
+// Tokens x[0..T) (n values each) through the int4 weight, in passes of RS_BATCH_TOKENS tokens.
+template <typename X, typename Store>
+void topk_gemm_tokens_int4(const X* x, int64_t T, int64_t n, int64_t keep_k, const uint8_t* P, const c10::Half* S,
+                           int64_t out, int64_t group, const Store& store) {
+  for (int64_t t0 = 0; t0 < T; t0 += RS_BATCH_TOKENS) {
+    const int M = static_cast<int>(std::min<int64_t>(RS_BATCH_TOKENS, T - t0));
+    const Int4Pass pass = int4_pass<X>(x + t0 * n, M, n, keep_k, group);
+    auto st = [&](int m, int64_t j, float v) { store(t0 + m, j, v); };
+    switch (M) {
+      case 1: int4_batch_rows<1>(P, S, out, pass, st); break;
+      case 2: int4_batch_rows<2>(P, S, out, pass, st); break;
+      case 3: int4_batch_rows<3>(P, S, out, pass, st); break;
+      case 4: int4_batch_rows<4>(P, S, out, pass, st); break;
+      case 5: int4_batch_rows<5>(P, S, out, pass, st); break;
+      case 6: int4_batch_rows<6>(P, S, out, pass, st); break;
+      case 7: int4_batch_rows<7>(P, S, out, pass, st); break;
+      default: int4_batch_rows<8>(P, S, out, pass, st);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1478,20 +1746,42 @@ at::Tensor topk_gemv_int4(const at::Tensor& x, const at::Tensor& packed_t, const
               packed_t.scalar_type());
   TORCH_CHECK(packed_t.dim() == 2 && scales.dim() == 2, "packed_t and scales must be 2-D");
   const int64_t in = packed_t.size(0), out = scales.size(1);
-  check_quantized(x, packed_t, scales, bias, in, out, keep_k);
+  check_quantized(x, packed_t, scales, bias, in, out, keep_k, /*several_tokens=*/true);
   TORCH_CHECK(scales.scalar_type() == at::kHalf, "int4 scales must be float16");
   TORCH_CHECK(out % 2 == 0 && packed_t.size(1) * 2 == out, "packed_t has ", packed_t.size(1),
               " bytes per row; scales have ", out, " columns (even) needing ", out / 2);
   const int64_t groups = scales.size(0);
   TORCH_CHECK(groups > 0 && in % groups == 0, "scales have ", groups,
               " group rows, which does not divide in=", in);
-  Selection sel = select_token(x, keep_k);
   at::Tensor holder;
   const float* bp = float_bias(bias, holder);
   at::Tensor y = at::empty(out_shape(x, out), x.options());
+  const uint8_t* pp = packed_t.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const int64_t tokens = in ? x.numel() / in : 0;
+  if (tokens != 1) {
+    const at::Tensor xc = x.contiguous();
+    dispatch_output(y, [&](auto* yp) {
+      using Y = std::remove_pointer_t<decltype(yp)>;
+      const Y* xp = reinterpret_cast<const Y*>(xc.data_ptr());
+#if RS_INT4_VNNI  // passes over the union of several tokens' kept rows
+      topk_gemm_tokens_int4<Y>(xp, tokens, in, keep_k, pp, sp, out, in / groups, [&](int64_t t, int64_t j, float v) {
+        io<Y>::store(yp + t * out + j, bp ? v + bp[j] : v);
+      });
+#else  // token by token
+      std::vector<int64_t> idx(static_cast<size_t>(keep_k + 1));  // +1: see select_topk
+      std::vector<float> xs(idx.size());
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t K = select_topk<Y>(xp + t * in, in, keep_k, idx.data(), xs.data());
+        gemv_rows_int4(pp, sp, out, in / groups, idx.data(), xs.data(), K, bp, yp + t * out);
+      }
+#endif
+    });
+    return y;
+  }
+  Selection sel = select_token(x, keep_k);
   dispatch_output(y, [&](auto* yp) {
-    gemv_rows_int4(packed_t.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), out, in / groups,
-                   sel.idx.data(), sel.xs.data(), sel.K, bp, yp);
+    gemv_rows_int4(pp, sp, out, in / groups, sel.idx.data(), sel.xs.data(), sel.K, bp, yp);
   });
   return y;
 }
