@@ -80,8 +80,8 @@ def dequantize(qweight: Tensor, scales: Tensor, weight_bits: int, dtype: torch.d
         return (qweight.to(wide) * scales.to(wide)).to(dtype)
     n_in = qweight.shape[0]
     groups, n_out = scales.shape
-    values = unpack_int4(qweight, n_out).float() - 8  # exact in float32: 4-bit values times float16 scales
-    return (values * scales.float().repeat_interleave(n_in // groups, dim=0)).to(dtype)
+    values = unpack_int4(qweight, n_out).view(groups, n_in // groups, n_out).float() - 8
+    return (values * scales.float().unsqueeze(1)).reshape(n_in, n_out).to(dtype)  # exact in float32
 
 
 def quantized_shapes(in_features: int, out_features: int, weight_bits: int, group_size: int):
