@@ -11,6 +11,8 @@ come from DRAM, as in decoding):
 * ``res<B> s``     -- ``topk_residual_gemv`` with a B-bit copy at the K that reads the same bytes as ``topk s``
   (K = round(in * (1 - s / (1 - c))), c = (B + 16 / 64) / 16: the kept bf16 rows plus the dropped rows' codes and
   float16 scales)
+* ``res<B>b<F> s`` -- the same with a band (``--bands``): only the largest dropped inputs, F of the input width,
+  through the copy (``residual_band``; K = round(in * (1 - s - c * F)))
 
 GB/s is computed on the bytes each call reads. Speed-ups are against ``dense``; ``vs topk`` compares the residual
 kernel with plain Top-K at the same bytes (1.00: the copy costs no time beyond its bytes).
@@ -41,7 +43,8 @@ from bench_kernel import LLAMA2_7B_SHAPES, llc_bytes, quantized_header, time_int
 GROUP = 64
 
 
-def bench_shape(n_in: int, n_out: int, sparsities, bits_list, reps: int, pool_bytes: int, warmup: int = 3):
+def bench_shape(n_in: int, n_out: int, sparsities, bits_list, reps: int, pool_bytes: int, warmup: int = 3,
+                bands=()):
     """{method: [seconds per call]}, {method: bytes read}, {method: K} for one shape."""
     gen = torch.Generator().manual_seed(0)
     n_buf = max(3, -(-pool_bytes // (n_in * n_out * 2)))
@@ -59,11 +62,16 @@ def bench_shape(n_in: int, n_out: int, sparsities, bits_list, reps: int, pool_by
         k = int(round(n_in * (1 - s)))
         methods[f"topk {s}"] = (lambda i, k=k: topk_gemv(x, weights[i], None, k), k * n_out * 2, k)
         for bits in bits_list:
-            k = int(round(n_in * (1 - SparsifyConfig(sparsity=s, residual_bits=bits).topk_sparsity)))
             row = groups * GROUP * bits // 8 + groups * 2
-            methods[f"res{bits} {s}"] = (
-                lambda i, k=k, bits=bits: topk_residual_gemv(x, weights[i], *copies[bits][i], None, k, bits),
-                k * n_out * 2 + (n_in - k) * row, k)
+            for band in (None, *bands):
+                config = SparsifyConfig(sparsity=s, residual_bits=bits, residual_band=band)
+                k = int(round(n_in * (1 - config.topk_sparsity)))
+                c = config.copied_inputs(n_in, k)
+                name = f"res{bits} {s}" if band is None else f"res{bits}b{band:g} {s}"
+                methods[name] = (
+                    lambda i, k=k, bits=bits, c=c: topk_residual_gemv(x, weights[i], *copies[bits][i], None, k, bits,
+                                                                      c),
+                    k * n_out * 2 + c * row, k)
     times = time_interleaved({name: m[0] for name, m in methods.items()}, n_buf, reps, warmup)
     return times, {name: m[1] for name, m in methods.items()}, {name: m[2] for name, m in methods.items()}
 
@@ -73,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--bands", type=float, nargs="*", default=[], help="residual_band values to time too")
     parser.add_argument("--reps", type=int, default=10, help="passes over the pool per method")
     parser.add_argument("--pool-factor", type=float, default=2.0, help="bf16 weight pool size / last-level cache")
     parser.add_argument("--stat", choices=["median", "min"], default="median")
@@ -88,11 +97,11 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name, n_in, n_out, _ in LLAMA2_7B_SHAPES:
-        times, nbytes, ks = bench_shape(n_in, n_out, args.sparsity, args.bits, args.reps, pool)
+        times, nbytes, ks = bench_shape(n_in, n_out, args.sparsity, args.bits, args.reps, pool, bands=args.bands)
         stat = statistics.median if args.stat == "median" else min
         value = {method: stat(v) for method, v in times.items()}
         for method, seconds in value.items():
-            same_bytes = f"topk {method.split()[1]}" if method.startswith("res") else None
+            same_bytes = f"topk {method.split()[1]}" if method.startswith("res") else None  # (bands too)
             versus = f"{value[same_bytes] / seconds:.2f}" if same_bytes else ""
             line = (f"| {n_in}x{n_out} ({name}) | {method} | {ks[method]} | {nbytes[method] / nbytes['dense']:.3f} "
                     f"| {seconds * 1e6:.0f} | {nbytes[method] / seconds / 1e9:.1f} | {value['dense'] / seconds:.2f} "

@@ -94,8 +94,9 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
                 size = module.qweight.nbytes * fraction + module.qscale.nbytes  # holds a kept channel)
             else:
                 size = module.weight.numel() * module.weight.element_size() * fraction
-            if getattr(module, "residual_bits", 0):  # the dropped rows of the residual copy
-                size += (module.residual_codes.nbytes + module.residual_scales.nbytes) * (1.0 - fraction)
+            if getattr(module, "residual_bits", 0):  # the copied rows of the residual copy
+                size += (module.residual_codes.nbytes + module.residual_scales.nbytes) * (
+                    module.residual_copy_k / module.in_features)
         elif active and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):  # batched experts
             fractions = ((module.input_topk.keep_k / module.input_topk.in_features,
                           module.hidden_topk.keep_k / module.hidden_topk.in_features)

@@ -87,7 +87,7 @@ def _add_dataclass_arguments(group, cls, prefix: str = "") -> None:
             cast = metadata.get("type", str)
             kwargs.update(choices=[cast(choice) for choice in metadata["choices"]()], type=cast)
         else:
-            kwargs["type"] = type(default) if default is not None else str
+            kwargs["type"] = metadata.get("type") or (type(default) if default is not None else str)
         group.add_argument(flag, **kwargs)
 
 
@@ -293,7 +293,8 @@ def bench_command(args) -> dict:
     family = get_family(sparse)
     rotations = sum(hasattr(layer, ROTATION_BUFFER) for layer in family.layers)
     return {"model": args.model, "method": config.method, "sparsity": config.sparsity, "layers": len(family.layers),
-            "residual_adapters": rotations, "residual_bits": config.residual_bits, "weight_bits": config.weight_bits,
+            "residual_adapters": rotations, "residual_bits": config.residual_bits,
+            "residual_band": config.residual_band, "weight_bits": config.weight_bits,
             "group_size": config.group_size if config.weight_bits == 4 else None, **result.to_dict()}
 
 

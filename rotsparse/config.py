@@ -183,6 +183,10 @@ class SparsifyConfig:
                                    "float16 scale per 64 outputs), paid for from the same budget (K is lowered so "
                                    "that the weight bytes read per token stay 1 - sparsity of the dense 16-bit "
                                    "weight); 0: they are skipped", choices=lambda: RESIDUAL_BITS, type=int)
+    residual_band: float | None = _field(None, "with residual_bits: only the largest dropped inputs go through "
+                                               "the copy, this fraction of each Top-K linear's input width (the "
+                                               "rest are skipped; K is lowered by what the band reads); None: "
+                                               "every dropped input", type=float)
     options: AutoOptions | None = _field(None, "switches of the calibrated pipeline; None: the method's own",
                                          cli=None)
 
@@ -217,10 +221,22 @@ class SparsifyConfig:
                 raise ValueError("residual_bits applies to float weights; it cannot be combined with weight_bits")
             if self.l2_rescale:
                 raise ValueError("residual_bits carries the dropped inputs; it cannot be combined with l2_rescale")
-            if self.sparsity >= 1.0 - self.residual_cost:
-                raise ValueError(f"sparsity {self.sparsity} cannot be reached with residual_bits={self.residual_bits}: "
-                                 f"the residual copy alone reads {self.residual_cost:.4f} of the dense bytes, so the "
-                                 f"sparsity must be below {1.0 - self.residual_cost:.4f}")
+        if self.residual_band is not None:
+            band = self.residual_band
+            if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0.0 < band <= 1.0:
+                raise ValueError(f"residual_band must be None or a fraction in (0, 1], got {band!r}")
+            if not self.residual_bits:
+                raise ValueError("residual_band is the share of the inputs that go through the residual copy; set "
+                                 "residual_bits (1 or 2) too")
+            if self.block_size:
+                raise ValueError("residual_band copies the largest dropped inputs of each token; it cannot be "
+                                 "combined with block_size")
+            object.__setattr__(self, "residual_band", float(band))
+        if self.residual_bits and self.topk_sparsity >= 1.0:
+            raise ValueError(f"sparsity {self.sparsity} cannot be reached with residual_bits={self.residual_bits}"
+                             + (f", residual_band={self.residual_band}" if self.residual_band is not None else "")
+                             + f": the residual copy reads {self.residual_cost:.4f} of a 16-bit weight's bytes per "
+                             f"copied input, which leaves nothing to keep")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; choose one of {MLP_ACTIVATIONS}")
         self._normalize_options()
@@ -258,9 +274,20 @@ class SparsifyConfig:
     @property
     def topk_sparsity(self) -> float:
         """The parameter-weighted fraction of input columns Top-K drops: `sparsity`, or with `residual_bits` the
-        larger fraction s / (1 - residual_cost) at which the kept columns' 16-bit weights plus the dropped columns'
-        residual rows read (1 - sparsity) of the dense bytes."""
-        return self.sparsity / (1.0 - self.residual_cost)
+        larger fraction at which the kept columns' 16-bit weights plus the copied columns' residual rows read
+        (1 - sparsity) of the dense bytes: s / (1 - residual_cost) when every dropped column is copied,
+        s + residual_cost * residual_band when a band is (whichever is smaller: a band wider than the dropped
+        columns copies them all)."""
+        full = self.sparsity / (1.0 - self.residual_cost)
+        return full if self.residual_band is None else min(full, self.sparsity + self.residual_cost * self.residual_band)
+
+    def copied_inputs(self, width: int, keep_k: int) -> int:
+        """Inputs of a Top-K linear (`width` inputs, `keep_k` kept) that go through the residual copy."""
+        if not self.residual_bits:
+            return 0
+        if self.residual_band is None:
+            return width - keep_k
+        return min(width - keep_k, int(round(self.residual_band * width)))
 
     @property
     def coefficients(self) -> tuple[float, float, float, float]:

@@ -134,7 +134,9 @@ def model_card(model: nn.Module, plan: SparsityPlan, metrics: dict[str, float] |
               f"| calibration tokens | {plan.calibration_tokens} |",
               f"| residual stream rotated | {plan.rotated} |"]
     if plan.config.residual_bits:
-        lines.append(f"| dropped inputs through a {plan.config.residual_bits}-bit weight copy | yes (recomputed "
+        band = plan.config.residual_band
+        copied = "all" if band is None else f"the largest, {band:g} of each linear's inputs"
+        lines.append(f"| dropped inputs through a {plan.config.residual_bits}-bit weight copy | {copied} (recomputed "
                      f"from the weights when loading) |")
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in (metrics or {}).items()]

@@ -119,17 +119,18 @@ class SparsityPlan:
     @property
     def effective_sparsity(self) -> float:
         """Fraction of the dense weight bytes not read per token: the weight columns Top-K skips, weighted by the
-        parameters each reader linear feeds; with `SparsifyConfig.residual_bits`, less what the skipped columns'
+        parameters each reader linear feeds; with `SparsifyConfig.residual_bits`, less what the copied columns'
         residual rows read (`SparsifyConfig.residual_cost` of a 16-bit weight each)."""
         skipped = total = 0
+        cost = self.config.residual_cost
         for index, (layer_k, layer_sizes) in enumerate(zip(self.keep_k, self.site_sizes)):
             for site, (k, (width, params)) in enumerate(zip(layer_k, layer_sizes)):
                 readers = self.reader_params[index][site] if self.reader_params else (params,)
                 site_k = self.reader_keep_k[index][site] if self.reader_keep_k else (k,)
-                skipped += sum((width - reader_k) * (reader_params // width)
-                               for reader_k, reader_params in zip(site_k, readers))
+                skipped += sum((width - reader_k - cost * self.config.copied_inputs(width, reader_k))
+                               * (reader_params // width) for reader_k, reader_params in zip(site_k, readers))
                 total += params
-        return skipped / total * (1.0 - self.config.residual_cost) if total else 0.0
+        return skipped / total if total else 0.0
 
     def to_dict(self) -> dict:
         return {

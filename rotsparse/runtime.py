@@ -33,8 +33,9 @@ class TopKLinear(nn.Linear):
     to `kernels.KERNEL_MAX_TOKENS` tokens on the CPU (batched decode, short prompts: passes over the union of
     their kept rows); everything else (longer prefills, training) runs the dense-masked path, which computes
     the same function.
-    With a residual copy (`attach_residual`) the dropped inputs add ``residual_weight @ (x - topk(x))``, in the
-    masked path and in the decode kernel (`kernels.topk_residual_gemv`; block mode: the masked path) alike.
+    With a residual copy (`attach_residual`) the `residual_copy_k` largest dropped inputs add
+    ``residual_weight @ (topk(x, K + C) - topk(x, K))`` (every dropped input: ``x - topk(x)``), in the masked path
+    and in the decode kernel (`kernels.topk_residual_gemv`; block mode: the masked path) alike.
     The choice depends on the input's shape and the modes only, never on values, so under `torch.compile` each
     graph takes one path without a graph break (`rotsparse.compiled`).
     """
@@ -56,6 +57,7 @@ class TopKLinear(nn.Linear):
         self.l2_rescale = False  # Q-Sparse options, set from the plan by `apply_topk_options`
         self.block_size = 0
         self.residual_bits = 0
+        self.residual_copy_k = 0
         self.weight = nn.Parameter(to_input_major(self.weight), requires_grad=self.weight.requires_grad)
 
     @classmethod
@@ -77,15 +79,20 @@ class TopKLinear(nn.Linear):
                 and kernels.several_tokens_on_cpu(x, self.in_features, max_tokens)
                 and not (self.residual_bits or self.block_size or self.l2_rescale))
 
-    def attach_residual(self, bits: int) -> None:
-        """Keep a `bits`-bit copy of the weight for the inputs Top-K drops (`rotsparse.quantize.quantize_residual`,
-        computed from the current weight): non-persistent buffers ``residual_codes`` (in, out * bits / 8 rounded
-        up to whole groups) uint8 and ``residual_scales`` (in, groups), float16 stored as int16 bits, so that
-        casting the model leaves them alone. Checkpoints hold the weight only; loading recomputes the copy."""
+    def attach_residual(self, bits: int, copy_k: int | None = None) -> None:
+        """Keep a `bits`-bit copy of the weight for the `copy_k` largest inputs Top-K drops (None: all of them;
+        `rotsparse.quantize.quantize_residual`, computed from the current weight): non-persistent buffers
+        ``residual_codes`` (in, out * bits / 8 rounded up to whole groups) uint8 and ``residual_scales`` (in,
+        groups), float16 stored as int16 bits, so that casting the model leaves them alone. Checkpoints hold the
+        weight only; loading recomputes the copy."""
+        dropped = self.in_features - self.keep_k
+        copy_k = dropped if copy_k is None else int(copy_k)
+        if not 0 <= copy_k <= dropped:
+            raise ValueError(f"copy_k must be in [0, {dropped}] (the inputs Top-K drops), got {copy_k}")
         codes, scales = quantize_residual(self.weight.detach().t(), bits, RESIDUAL_GROUP)
         self.register_buffer("residual_codes", codes, persistent=False)
         self.register_buffer("residual_scales", scale_bits(scales), persistent=False)
-        self.residual_bits = int(bits)
+        self.residual_bits, self.residual_copy_k = int(bits), copy_k
 
     def residual_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) float weight the residual copy stands for."""
@@ -110,7 +117,9 @@ class TopKLinear(nn.Linear):
                                      straight_through=self.training and self.straight_through)
         output = F.linear(sparse, self.weight, self.bias)
         if self.residual_bits:
-            output = output + F.linear(x - sparse, self.residual_weight(x.dtype))
+            copied = x if self.kept_per_token + self.residual_copy_k >= self.in_features else sparsify_activation(
+                x, self.keep_k + self.residual_copy_k)
+            output = output + F.linear(copied - sparse, self.residual_weight(x.dtype))
         return output
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ class TopKLinear(nn.Linear):
         if self.residual_bits:
             scales = self.residual_scales.view(torch.float16)
             return kernels.topk_residual_gemv(x, weight_t, self.residual_codes, scales, self.bias, self.keep_k,
-                                              self.residual_bits)
+                                              self.residual_bits, self.residual_copy_k)
         if not self.block_size and not self.l2_rescale:
             return kernels.decode_topk_gemv(x, weight_t, self.bias, self.keep_k)
         if self.block_size:
@@ -144,7 +153,7 @@ class TopKLinear(nn.Linear):
         if self.l2_rescale:
             options += ", l2_rescale=True"
         if self.residual_bits:
-            options += f", residual_bits={self.residual_bits}"
+            options += f", residual_bits={self.residual_bits}, residual_copy_k={self.residual_copy_k}"
         return f"{super().extra_repr()}, keep_k={self.keep_k}, site={self.site}{options}"
 
 
@@ -220,7 +229,7 @@ def topk_linear(linear: nn.Linear, keep_k: int, site: str, config: SparsifyConfi
     residual copy if `config.residual_bits` does."""
     module = TopKLinear.from_linear(linear, keep_k, site)
     if config.residual_bits:
-        module.attach_residual(config.residual_bits)
+        module.attach_residual(config.residual_bits, config.copied_inputs(module.in_features, keep_k))
     if config.weight_bits is None:
         return module
     return QuantizedTopKLinear.from_topk(module, config.weight_bits, config.group_size)

@@ -52,7 +52,8 @@ def _op_samples():
                 samples["topk_gemv_int8"].append((x, q8, scale8, b, keep_k))
                 samples["topk_gemv_int4"].append((x, q4, scales4, b, keep_k))
                 for bits, (codes, scales) in copies.items():
-                    samples["topk_residual_gemv"].append((x, weight_t, codes, scales, b, keep_k, bits))
+                    samples["topk_residual_gemv"].append((x, weight_t, codes, scales, b, keep_k, bits,
+                                                          (96 - keep_k) // 2))
             indices = torch.randperm(96)[:29].sort().values
             samples["index_gemv"] += [(x, indices, weight_t, bias), (x, indices, weight_t, None)]
             weight = weight_t.t().contiguous()  # row-major (out, in), as an lm_head stores it

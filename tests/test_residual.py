@@ -75,26 +75,79 @@ def test_kernel_equals_the_reference(dtype, n_in, n_out, bits):
     weight_t, bias = weight_t.to(dtype), torch.randn(n_out, generator=generator).to(dtype)
     x = distinct_token(n_in, dtype)
     for keep_k in (0, 1, n_in // 3, n_in - 1, n_in):
-        expected = topk_residual_gemv_torch(x, weight_t, codes, scales, bias, keep_k, bits)
-        actual = kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits)
-        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance * expected.abs().max().item(),
-                                   rtol=0)
-    if kernels.kernel_backend("cpu", dtype) == "cpp":  # only the dropped rows of the copy are read: poison the others
-        kept = kernels.topk_indices(x, n_in // 3)
-        poisoned = codes.clone()
-        poisoned[kept] = 255
-        torch.testing.assert_close(kernels.topk_residual_gemv(x, weight_t, poisoned, scales, bias, n_in // 3, bits),
-                                   kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, n_in // 3, bits))
+        for copy_k in {n_in - keep_k, (n_in - keep_k) // 2, min(1, n_in - keep_k), 0}:  # all, a band, none
+            expected = topk_residual_gemv_torch(x, weight_t, codes, scales, bias, keep_k, bits, copy_k)
+            actual = kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits, copy_k)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(actual.float(), expected.float(),
+                                       atol=tolerance * expected.abs().max().item(), rtol=0)
+        assert torch.equal(kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits),
+                           kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits, n_in - keep_k))
+    if kernels.kernel_backend("cpu", dtype) == "cpp":
+        # only the copied rows of the copy and the kept rows of the weight are read: poison the others
+        keep_k, copy_k = n_in // 3, n_in // 4
+        kept, band = kernels.topk_indices(x, keep_k), kernels.topk_indices(x, keep_k + copy_k)
+        poisoned_codes, poisoned_weight = codes.clone(), weight_t.clone()
+        outside = torch.ones(n_in, dtype=torch.bool)
+        outside[band] = False
+        poisoned_codes[kept] = 255
+        poisoned_codes[outside] = 255
+        unkept = torch.ones(n_in, dtype=torch.bool)
+        unkept[kept] = False
+        poisoned_weight[unkept] = float("nan")
+        torch.testing.assert_close(
+            kernels.topk_residual_gemv(x, poisoned_weight, poisoned_codes, scales, bias, keep_k, bits, copy_k),
+            kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits, copy_k))
     with pytest.raises(ValueError, match="residual copy"):
         kernels.topk_residual_gemv(x, weight_t, codes[:, 1:], scales, bias, 3, bits)
+    with pytest.raises(ValueError, match="keep_k"):
+        kernels.topk_residual_gemv(x, weight_t, codes, scales, bias, 3, bits, n_in - 2)
 
 
-def test_generation_with_the_copy_matches_stepwise_decoding():
+@pytest.mark.parametrize("band", [None, 0.2])
+def test_generation_with_the_copy_matches_stepwise_decoding(band):
     model = tiny_model("llama")
-    rotsparse.sparsify(model, sparsity=0.5, method="topk", residual_bits=2, progress=False)
+    rotsparse.sparsify(model, sparsity=0.5, method="topk", residual_bits=2, residual_band=band, progress=False)
     generated, stepwise = generated_and_stepwise(model)
     assert torch.equal(generated, stepwise)
+
+
+def test_a_band_copies_the_largest_dropped_inputs_within_the_byte_budget():
+    model = tiny_model("llama")
+    tokens = random_tokens()
+    expected = logits(model, tokens)
+    config = rotsparse.SparsifyConfig(sparsity=0.5, method="topk", residual_bits=2, residual_band=0.2)
+    assert config.topk_sparsity == pytest.approx(0.5 + 0.2 * config.residual_cost)
+    full, band, plain = (copy.deepcopy(model) for _ in range(3))
+    rotsparse.sparsify(band, config=config, progress=False)
+    rotsparse.sparsify(full, sparsity=0.5, method="topk", residual_bits=2, progress=False)
+    rotsparse.sparsify(plain, sparsity=0.5, method="topk", progress=False)
+    module = band.model.layers[0].mlp.down_proj
+    width = module.in_features
+    assert module.residual_copy_k == round(0.2 * width)
+    assert plain.model.layers[0].mlp.down_proj.keep_k > module.keep_k > full.model.layers[0].mlp.down_proj.keep_k
+    # the bytes read stay at the request: kept rows of the weight plus copied rows of the copy
+    assert band.rotsparse_plan.effective_sparsity == pytest.approx(0.5, abs=0.01)
+    read = sum((m.keep_k + config.residual_cost * m.residual_copy_k) * m.out_features
+               for m in band.modules() if isinstance(m, TopKLinear))
+    total = sum(m.in_features * m.out_features for m in band.modules() if isinstance(m, TopKLinear))
+    assert band.rotsparse_plan.effective_sparsity == pytest.approx(1 - read / total)
+    # the function: kept inputs through the weight, the next copy_k largest through the copy, the rest skipped
+    x = torch.randn(3, 5, width)
+    kept, copied = keep_topk(x, module.keep_k), keep_topk(x, module.keep_k + module.residual_copy_k)
+    copy_weight = residual_weight_torch(module.residual_codes, module.residual_scales.view(torch.float16), 2,
+                                        module.out_features, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), kept @ module.weight.t() + (copied - kept) @ copy_weight,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module(x[0, :1]), module(x[0:1, :1].expand(2, 1, width))[:1, 0],
+                                   atol=1e-5, rtol=1e-5)  # decode kernel == masked path
+    # closer to the dense model than plain Top-K at the same bytes
+    assert (logits(band, tokens) - expected).norm() < (logits(plain, tokens) - expected).norm()
+    # a band as wide as every input copies every dropped input: the full copy
+    whole = copy.deepcopy(model)
+    rotsparse.sparsify(whole, sparsity=0.5, method="topk", residual_bits=2, residual_band=1.0, progress=False)
+    assert torch.equal(logits(whole, tokens), logits(full, tokens))
 
 
 def test_sparsity_zero_is_exact_and_the_byte_budget_holds():
@@ -131,9 +184,11 @@ def test_bench_counts_the_copy_rows_read():
     assert ratio == pytest.approx(0.5, abs=0.02)
 
 
-def test_auto_with_a_copy_saves_and_loads_identically(tmp_path):
+@pytest.mark.parametrize("band", [None, 0.15])
+def test_auto_with_a_copy_saves_and_loads_identically(tmp_path, band):
     model = tiny_model("llama")
-    rotsparse.sparsify(model, sparsity=0.5, calibration=random_tokens(seed=7), residual_bits=2, progress=False)
+    rotsparse.sparsify(model, sparsity=0.5, calibration=random_tokens(seed=7), residual_bits=2, residual_band=band,
+                       progress=False)
     tokens = random_tokens(num_sequences=2, length=16)
     rotsparse.save(model, tmp_path)
     assert not any("residual" in key for key in model.state_dict())  # recomputed from the weight when loading
@@ -141,6 +196,7 @@ def test_auto_with_a_copy_saves_and_loads_identically(tmp_path):
         assert restored.rotsparse_plan == model.rotsparse_plan
         layer = restored.model.layers[1].self_attn.o_proj
         assert torch.equal(layer.residual_codes, model.model.layers[1].self_attn.o_proj.residual_codes)
+        assert layer.residual_copy_k == model.model.layers[1].self_attn.o_proj.residual_copy_k
         with torch.no_grad():
             torch.testing.assert_close(restored(tokens).logits, model(tokens).logits, atol=1e-5, rtol=1e-5)
     model.to(torch.bfloat16)  # casting the model leaves the copy's scale bits alone
@@ -156,7 +212,14 @@ def test_bad_settings_are_refused_before_the_model_changes():
                               ({"residual_bits": True}, "residual_bits must be one of"),
                               ({"residual_bits": 2, "weight_bits": 4}, "cannot be combined with weight_bits"),
                               ({"residual_bits": 1, "l2_rescale": True}, "cannot be combined with l2_rescale"),
-                              ({"residual_bits": 2, "sparsity": 0.9}, "cannot be reached with residual_bits=2")):
+                              ({"residual_bits": 2, "sparsity": 0.9}, "cannot be reached with residual_bits=2"),
+                              ({"residual_band": 0.1}, "set residual_bits"),
+                              ({"residual_bits": 2, "residual_band": 0.0}, "residual_band must be"),
+                              ({"residual_bits": 2, "residual_band": 1.5}, "residual_band must be"),
+                              ({"residual_bits": 2, "residual_band": True}, "residual_band must be"),
+                              ({"residual_bits": 2, "residual_band": 0.1, "block_size": 8}, "block_size"),
+                              ({"residual_bits": 2, "residual_band": 0.5, "sparsity": 0.95},
+                               "residual_band=0.5")):
         with pytest.raises(ValueError, match=message):
             rotsparse.SparsifyConfig(**settings)
     model = tiny_model("qwen3_moe")
@@ -176,3 +239,5 @@ def test_bad_settings_are_refused_before_the_model_changes():
 def test_cli_flag():
     args = build_parser().parse_args(["sparsify", "--out", "o", "--residual-bits", "2"])
     assert config_from_args(args) == rotsparse.SparsifyConfig(residual_bits=2)
+    args = build_parser().parse_args(["sparsify", "--out", "o", "--residual-bits", "2", "--residual-band", "0.1"])
+    assert config_from_args(args) == rotsparse.SparsifyConfig(residual_bits=2, residual_band=0.1)

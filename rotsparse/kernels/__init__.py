@@ -222,13 +222,14 @@ def topk_gemv_int4(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Optional[T
 
 
 def topk_residual_gemv(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
-                       keep_k: int, bits: int) -> Tensor:
-    """Top-K GEMV of ONE token whose dropped inputs go through a low-bit copy of the weight.
+                       keep_k: int, bits: int, copy_k: Optional[int] = None) -> Tensor:
+    """Top-K GEMV of ONE token whose largest dropped inputs go through a low-bit copy of the weight.
 
-    ``y = topk_mask(x, keep_k) @ weight_t + (x - topk_mask(x, keep_k)) @ R (+ bias)``; weight_t (in, out) as in
-    :func:`topk_gemv`; R the residual copy (`reference.residual_weight_torch`): codes (in, groups * 64 * bits / 8)
-    uint8, scales (in, groups) float16, groups = ceil(out / 64), bits 1 or 2. Reads the kept rows of weight_t and
-    the dropped rows of the copy. Custom op ``torch.ops.rotsparse.topk_residual_gemv`` (no autograd).
+    ``y = topk_mask(x, keep_k) @ weight_t + (topk_mask(x, keep_k + copy_k) - topk_mask(x, keep_k)) @ R (+ bias)``;
+    copy_k None: every dropped input (``in - keep_k``). weight_t (in, out) as in :func:`topk_gemv`; R the residual
+    copy (`reference.residual_weight_torch`): codes (in, groups * 64 * bits / 8) uint8, scales (in, groups)
+    float16, groups = ceil(out / 64), bits 1 or 2. Reads the kept rows of weight_t and the copied rows of the copy.
+    Custom op ``torch.ops.rotsparse.topk_residual_gemv`` (no autograd).
     """
     _check_gemv_args(x, weight_t, bias)
     n_in, n_out = weight_t.shape
@@ -242,9 +243,10 @@ def topk_residual_gemv(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tenso
                          f"({n_in}, {groups * RESIDUAL_GROUP * bits // 8}) and float16 scales ({n_in}, {groups}); got "
                          f"{codes.dtype} {tuple(codes.shape)} and {scales.dtype} {tuple(scales.shape)}")
     keep_k = check_keep_k(keep_k, n_in)
+    copy_k = n_in - keep_k if copy_k is None else check_keep_k(copy_k, n_in - keep_k)
     if _eager_fast_path(x, weight_t, codes, scales, bias):
-        return ops.topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits)
-    return torch.ops.rotsparse.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits)
+        return ops.topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits, copy_k)
+    return torch.ops.rotsparse.topk_residual_gemv(x, weight_t, codes, scales, bias, keep_k, bits, copy_k)
 
 
 def index_gemv(x: Tensor, indices: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:

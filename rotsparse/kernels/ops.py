@@ -82,23 +82,23 @@ def topk_gemv_int4_dispatch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: O
 
 
 def topk_residual_gemv_dispatch(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
-                                keep_k: int, bits: int) -> Tensor:
+                                keep_k: int, bits: int, copy_k: int) -> Tensor:
     if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES:
         ext = cpp_ext()
         if ext is not None:
-            return ext.topk_residual_gemv(x, weight_t, codes, scales, bias, int(keep_k), int(bits))
-    return topk_residual_gemv_torch(x, weight_t, codes, scales, bias, int(keep_k), int(bits))
+            return ext.topk_residual_gemv(x, weight_t, codes, scales, bias, int(keep_k), int(bits), int(copy_k))
+    return topk_residual_gemv_torch(x, weight_t, codes, scales, bias, int(keep_k), int(bits), int(copy_k))
 
 
 @torch.library.custom_op("rotsparse::topk_residual_gemv", mutates_args=())
 def _topk_residual_gemv_op(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
-                           keep_k: int, bits: int) -> Tensor:
-    return topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits)
+                           keep_k: int, bits: int, copy_k: int) -> Tensor:
+    return topk_residual_gemv_dispatch(x, weight_t, codes, scales, bias, keep_k, bits, copy_k)
 
 
 @_topk_residual_gemv_op.register_fake
 def _topk_residual_gemv_fake(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
-                             keep_k: int, bits: int) -> Tensor:
+                             keep_k: int, bits: int, copy_k: int) -> Tensor:
     torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 

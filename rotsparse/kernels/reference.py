@@ -213,13 +213,14 @@ def residual_weight_torch(codes: Tensor, scales: Tensor, bits: int, out: int, dt
 
 
 def topk_residual_gemv_torch(x: Tensor, weight_t: Tensor, codes: Tensor, scales: Tensor, bias: Optional[Tensor],
-                             keep_k: int, bits: int) -> Tensor:
-    """One token x (in,): ``topk(x) @ weight_t + (x - topk(x)) @ residual (+ bias)``, float32 accumulation, the
-    residual copy as in `residual_weight_torch`."""
+                             keep_k: int, bits: int, copy_k: int) -> Tensor:
+    """One token x (in,): ``topk(x, K) @ weight_t + (topk(x, K + C) - topk(x, K)) @ residual (+ bias)``, K =
+    keep_k, C = copy_k, float32 accumulation, the residual copy as in `residual_weight_torch`."""
     n_in, n_out = weight_t.shape
     x1 = x.reshape(n_in).float()
     kept = topk_mask(x1, keep_k)
-    acc = kept @ weight_t.float() + (x1 - kept) @ residual_weight_torch(codes, scales, bits, n_out, torch.float32)
+    copied = topk_mask(x1, keep_k + copy_k) - kept
+    acc = kept @ weight_t.float() + copied @ residual_weight_torch(codes, scales, bits, n_out, torch.float32)
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype).reshape(*x.shape[:-1], n_out)

@@ -1288,7 +1288,8 @@ void topk_gemm_tokens_int4(const X* x, int64_t T, int64_t n, int64_t keep_k, con
 
 // ---------------------------------------------------------------------------
 // Top-K GEMV with a low-bit residual copy (SparsifyConfig.residual_bits):
-//   y = sum_{i kept} x_i Wt[i, :] + sum_{i dropped} x_i R[i, :]  (+ bias)
+//   y = sum_{i kept} x_i Wt[i, :] + sum_{i copied} x_i R[i, :]  (+ bias)
+// (copied: the largest |x_i| below the kept ones, all of them or a band: SparsifyConfig.residual_band)
 // R[i, j] = scale[i, j / 64] * (code[i, j] - (2^bits - 1) / 2): codes packed
 // 8 / bits per byte along the output (the first in the low bits), each row
 // padded to whole groups of 64 columns, scales (in, groups) float16.  A kept
@@ -1786,15 +1787,16 @@ at::Tensor topk_gemv_int4(const at::Tensor& x, const at::Tensor& packed_t, const
   return y;
 }
 
-// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] + sum over the others of
-// x_i * R[i, :] (+ bias); R: the residual copy (codes (in, groups * 64 * bits / 8) uint8,
+// y = sum over the keep_k largest |x_i| of x_i * weight_t[i, :] + sum over the copy_k largest of the others of
+// x_i * R[i, :] (+ bias; copy_k = in - keep_k: every other input); R: the residual copy (codes (in, groups * 64 * bits / 8) uint8,
 // scales (in, groups) float16; layout at gemv_rows_residual).
 at::Tensor topk_residual_gemv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& codes,
                               const at::Tensor& scales, const std::optional<at::Tensor>& bias,
-                              int64_t keep_k, int64_t bits) {
+                              int64_t keep_k, int64_t bits, int64_t copy_k) {
   check_common(x, weight_t, bias);
   const int64_t in = weight_t.size(0), out = weight_t.size(1);
   TORCH_CHECK(keep_k >= 0 && keep_k <= in, "keep_k=", keep_k, " out of range [0, ", in, "]");
+  TORCH_CHECK(copy_k >= 0 && copy_k <= in - keep_k, "copy_k=", copy_k, " out of range [0, ", in - keep_k, "]");
   TORCH_CHECK(bits == 1 || bits == 2, "residual bits must be 1 or 2, got ", bits);
   const int64_t groups = (out + kResidualGroup - 1) / kResidualGroup;
   TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), "codes and scales must be on the CPU");
@@ -1806,20 +1808,20 @@ at::Tensor topk_residual_gemv(const at::Tensor& x, const at::Tensor& weight_t, c
                   scales.size(0) == in && scales.size(1) == groups,
               "residual scales must be contiguous float16 of shape (", in, ", ", groups, ")");
   Selection sel = select_token(x, keep_k);
-  // every row: the kept ones (ascending), then the dropped ones (ascending) with their values
-  const at::Tensor xf = x.reshape({in}).to(at::kFloat).contiguous();
-  const float* xv = xf.data_ptr<float>();
+  // the kept rows (ascending), then the copy_k largest |x| of the others (ascending) with their values: the
+  // keep_k + copy_k largest minus the keep_k largest (the same tie rule, so the first set holds the second)
+  const Selection wide = select_token(x, keep_k + copy_k);
   std::vector<int64_t> rows(sel.idx.begin(), sel.idx.begin() + sel.K);
   std::vector<float> vals(sel.xs.begin(), sel.xs.begin() + sel.K);
-  rows.reserve(static_cast<size_t>(in));
-  vals.reserve(static_cast<size_t>(in));
-  for (int64_t i = 0, k = 0; i < in; ++i) {
-    if (k < sel.K && sel.idx[k] == i) {
+  rows.reserve(static_cast<size_t>(wide.K));
+  vals.reserve(static_cast<size_t>(wide.K));
+  for (int64_t s = 0, k = 0; s < wide.K; ++s) {
+    if (k < sel.K && sel.idx[k] == wide.idx[s]) {
       ++k;
       continue;
     }
-    rows.push_back(i);
-    vals.push_back(xv[i]);
+    rows.push_back(wide.idx[s]);
+    vals.push_back(wide.xs[s]);
   }
   at::Tensor holder;
   const float* bp = float_bias(bias, holder);
@@ -1830,16 +1832,16 @@ at::Tensor topk_residual_gemv(const at::Tensor& x, const at::Tensor& weight_t, c
   switch (x.scalar_type()) {
     case at::kFloat:
       gemv_rows_residual<float>(weight_t.data_ptr<float>(), cp, ldc, sp, groups, int(bits), out,
-                                rows.data(), vals.data(), sel.K, in, bp, y.data_ptr<float>());
+                                rows.data(), vals.data(), sel.K, wide.K, bp, y.data_ptr<float>());
       break;
     case at::kBFloat16:
       gemv_rows_residual<bf16_t>(reinterpret_cast<const bf16_t*>(weight_t.data_ptr()), cp, ldc, sp, groups,
-                                 int(bits), out, rows.data(), vals.data(), sel.K, in, bp,
+                                 int(bits), out, rows.data(), vals.data(), sel.K, wide.K, bp,
                                  reinterpret_cast<bf16_t*>(y.data_ptr()));
       break;
     default:
       gemv_rows_residual<half_bits>(reinterpret_cast<const half_bits*>(weight_t.data_ptr()), cp, ldc, sp,
-                                    groups, int(bits), out, rows.data(), vals.data(), sel.K, in, bp,
+                                    groups, int(bits), out, rows.data(), vals.data(), sel.K, wide.K, bp,
                                     reinterpret_cast<half_bits*>(y.data_ptr()));
   }
   return y;
@@ -1889,7 +1891,7 @@ RS_TORCH_LIBRARY(RS_NS, m) {
   m.def("topk_gemv_int4(Tensor x, Tensor packed_t, Tensor scales, Tensor? bias, int keep_k) -> Tensor",
         &topk_gemv_int4);
   m.def("topk_residual_gemv(Tensor x, Tensor weight_t, Tensor codes, Tensor scales, Tensor? bias, int keep_k, "
-        "int bits) -> Tensor",
+        "int bits, int copy_k) -> Tensor",
         &topk_residual_gemv);
   m.def("has_avx512() -> bool", &has_avx512);
 }
