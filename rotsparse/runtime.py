@@ -79,6 +79,12 @@ class TopKLinear(nn.Linear):
                 and kernels.several_tokens_on_cpu(x, self.in_features, max_tokens)
                 and not (self.residual_bits or self.block_size or self.l2_rescale))
 
+    def _is_batched_residual_step(self, x: torch.Tensor) -> bool:
+        """A few tokens (2 to `kernels.KERNEL_MAX_TOKENS`) in inference with a residual copy: each through the
+        one-token kernel, instead of the masked path's float copy of the whole residual weight."""
+        return (self.residual_bits and self.use_kernel and not torch.is_grad_enabled() and not self.training
+                and not self.block_size and kernels.several_tokens_on_cpu(x, self.in_features))
+
     def attach_residual(self, bits: int, copy_k: int | None = None) -> None:
         """Keep a `bits`-bit copy of the weight for the `copy_k` largest inputs Top-K drops (None: all of them;
         `rotsparse.quantize.quantize_residual`, computed from the current weight): non-persistent buffers
@@ -111,6 +117,9 @@ class TopKLinear(nn.Linear):
             return self._decode(x)
         if self._is_batched_step(x):
             return kernels.decode_topk_gemv(x, self.weight.t(), self.bias, self.keep_k)
+        if self._is_batched_residual_step(x):  # token by token: no float copy of the residual weight per call
+            tokens = x.reshape(-1, self.in_features)
+            return torch.stack([self._decode(token) for token in tokens]).reshape(*x.shape[:-1], self.out_features)
         if self.kept_per_token >= self.in_features:
             return F.linear(x, self.weight, self.bias)
         sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,

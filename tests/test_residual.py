@@ -13,7 +13,7 @@ from rotsparse.bench import structural_sparse_copy, weight_bytes
 from rotsparse.cli import build_parser, config_from_args
 from rotsparse.kernels.reference import RESIDUAL_GROUP, residual_weight_torch, topk_residual_gemv_torch
 from rotsparse.quantize import quantize_residual
-from rotsparse.runtime import TopKLinear
+from rotsparse.runtime import TopKLinear, set_kernels
 from rotsparse.topk import keep_topk
 from rotsparse.vllm_plugin import check_servable
 
@@ -110,6 +110,26 @@ def test_generation_with_the_copy_matches_stepwise_decoding(band):
     rotsparse.sparsify(model, sparsity=0.5, method="topk", residual_bits=2, residual_band=band, progress=False)
     generated, stepwise = generated_and_stepwise(model)
     assert torch.equal(generated, stepwise)
+
+
+@pytest.mark.parametrize("band", [None, 0.2])
+def test_batched_generation_takes_the_kernel_token_by_token_and_equals_the_masked_path(monkeypatch, band):
+    model = tiny_model("llama")
+    rotsparse.sparsify(model, sparsity=0.5, method="topk", residual_bits=2, residual_band=band, progress=False)
+    calls = []
+    real = rotsparse.kernels.topk_residual_gemv
+    monkeypatch.setattr(rotsparse.kernels, "topk_residual_gemv",
+                        lambda x, *rest: calls.append(x.shape) or real(x, *rest))
+    tokens = random_tokens(num_sequences=3, length=6, seed=5)
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with_kernels = model.generate(tokens, **settings)
+        assert any(len(shape) == 1 for shape in calls)  # batch-3 decode steps, one token at a time
+        set_kernels(model, False)
+        masked = model.generate(tokens, **settings)
+    assert torch.equal(with_kernels.sequences, masked.sequences)
+    for got, want in zip(with_kernels.logits, masked.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_band_copies_the_largest_dropped_inputs_within_the_byte_budget():
