@@ -17,7 +17,9 @@ Methods: ``topk``, ``larosa``, and every ``auto`` ablation of eval/quality.py's 
 ``auto`` calibration via `Calibration.restricted`), plus `EXTRA_VARIANTS` below. ``NAME@check=DOMAIN``: variant
 NAME whose structure check scores the candidates on DOMAIN's calibration part instead of held-out sequences of
 the calibration domain. ``NAME+res1`` / ``NAME+res2`` (also ``topk+res2``): the same with
-``SparsifyConfig.residual_bits`` 1 / 2 (the dropped inputs through a low-bit weight copy, at the same bytes read).
+``SparsifyConfig.residual_bits`` 1 / 2 (the dropped inputs through a low-bit weight copy, at the same bytes read);
+``NAME+res2b0.1``: only the largest dropped inputs, a band of 0.1 of each linear's inputs, through the copy
+(``residual_band``).
 
 One JSON record per (method, sparsity, evaluation domain) is appended to --out (raw perplexities and gaps, the
 Top-K gap and the ratio), and --markdown is re-rendered from all records in --out.
@@ -70,10 +72,14 @@ EXTRA_VARIANTS: dict[str, tuple[str, AutoOptions | None, tuple | None]] = {
 ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
 
 
-def split_residual(name: str) -> tuple[str, int]:
-    """(method name without a ``+res<B>`` suffix, B or 0)."""
-    base, separator, bits = name.rpartition("+res")
-    return (base, int(bits)) if separator and bits.isdigit() else (name, 0)
+def split_residual(name: str) -> tuple[str, dict]:
+    """(method name without a ``+res<B>`` or ``+res<B>b<F>`` suffix, the `SparsifyConfig` fields it sets:
+    residual_bits B, residual_band F)."""
+    base, separator, suffix = name.rpartition("+res")
+    bits, _, band = suffix.partition("b")
+    if not separator or not bits.isdigit():
+        return name, {}
+    return base, {"residual_bits": int(bits), **({"residual_band": float(band)} if band else {})}
 
 
 def full_options(options: AutoOptions | None) -> AutoOptions | None:
@@ -180,9 +186,9 @@ def main(argv=None) -> None:
             del model
 
     for name in args.methods:
-        base_name, residual_bits = split_residual(name)
+        base_name, residual = split_residual(name)
         if base_name == "topk":
-            run(name, None, None, SparsifyConfig(method="topk", residual_bits=residual_bits), {})
+            run(name, None, None, SparsifyConfig(method="topk", **residual), {})
     for calibration_domain in args.calibration_domains:
         calibration_texts = load_texts(calibration_domain, part="calibration")
         for domain in args.eval_domains:  # never evaluate on calibration text
@@ -192,13 +198,13 @@ def main(argv=None) -> None:
                                 sequence_length=2048)
         calibrations = {}
         for name in args.methods:
-            variant, residual_bits = split_residual(name)
+            variant, residual = split_residual(name)
             if variant == "topk":
                 continue
             base_name, _, check_spec = variant.partition("@")
             method, options, coefficients = ALL_VARIANTS[base_name]
             config = SparsifyConfig(method=method, num_sequences=args.calibration_sequences,
-                                    site_coefficients=coefficients, residual_bits=residual_bits)
+                                    site_coefficients=coefficients, **residual)
             key = (method, full_options(options))
             if key not in calibrations:
                 label = method if key[1] is None or key[1] == AutoOptions(rotations=FULL_ROTATIONS) else \
@@ -254,8 +260,8 @@ def render(results: Path, markdown: Path) -> None:
         rows = [r for k, r in records.items() if k[0] == model and k[1] == eval_tokens]
         domains = list(dict.fromkeys(r["eval_domain"] for r in rows))
         sparsities = sorted({r["sparsity"] for r in rows})
-        dense = {r["eval_domain"]: r["dense_ppl"] for r in rows if r.get("selection") == SELECTION} or \
-            {r["eval_domain"]: r["dense_ppl"] for r in rows}
+        dense = {r["eval_domain"]: r["dense_ppl"] for r in rows}
+        dense.update({r["eval_domain"]: r["dense_ppl"] for r in rows if r.get("selection") == SELECTION})
         lines += [f"## {model} ({eval_tokens} evaluation tokens per domain)", "",
                   "Dense ppl: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains), ""]
         for sparsity in sparsities:
