@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import WEIGHT_BITS
-from .kernels.reference import pack_int4, unpack_int4
+from .kernels.reference import int4_weight, pack_int4
 
 SCALE_DTYPES = {8: torch.float32, 4: torch.float16}
 """Float dtype of the scales of each format."""
@@ -78,10 +78,7 @@ def dequantize(qweight: Tensor, scales: Tensor, weight_bits: int, dtype: torch.d
     if weight_bits == 8:  # int8 times a float32 scale: one rounding in float32 or wider
         wide = torch.promote_types(dtype, torch.float32)
         return (qweight.to(wide) * scales.to(wide)).to(dtype)
-    n_in = qweight.shape[0]
-    groups, n_out = scales.shape
-    values = unpack_int4(qweight, n_out).view(groups, n_in // groups, n_out).float() - 8
-    return (values * scales.float().unsqueeze(1)).reshape(n_in, n_out).to(dtype)  # exact in float32
+    return int4_weight(qweight, scales, dtype)
 
 
 def quantized_shapes(in_features: int, out_features: int, weight_bits: int, group_size: int):

@@ -73,17 +73,12 @@ class TopKLinear(nn.Linear):
                 and not self.training and not (self.residual_bits and self.block_size))
 
     def _is_batched_step(self, x: torch.Tensor, max_tokens: int = kernels.KERNEL_MAX_TOKENS) -> bool:
-        """A few tokens (2 to `max_tokens`: a batched decode step, a short prompt) in inference, plain Top-K: the
-        kernel reads the union of their kept rows instead of the masked product's every row."""
+        """A few tokens (2 to `max_tokens`: a batched decode step, a short prompt) in inference, per-token Top-K:
+        the kernel reads the union of their kept rows instead of the masked product's every row (with a residual
+        copy: the one-token residual kernel per token, instead of a float copy of the whole residual weight)."""
         return (self.use_kernel and not torch.is_grad_enabled() and not self.training
                 and kernels.several_tokens_on_cpu(x, self.in_features, max_tokens)
-                and not (self.residual_bits or self.block_size or self.l2_rescale))
-
-    def _is_batched_residual_step(self, x: torch.Tensor) -> bool:
-        """A few tokens (2 to `kernels.KERNEL_MAX_TOKENS`) in inference with a residual copy: each through the
-        one-token kernel, instead of the masked path's float copy of the whole residual weight."""
-        return (self.residual_bits and self.use_kernel and not torch.is_grad_enabled() and not self.training
-                and not self.block_size and kernels.several_tokens_on_cpu(x, self.in_features))
+                and not (self.block_size or self.l2_rescale))
 
     def attach_residual(self, bits: int, copy_k: int | None = None) -> None:
         """Keep a `bits`-bit copy of the weight for the `copy_k` largest inputs Top-K drops (None: all of them;
@@ -116,10 +111,10 @@ class TopKLinear(nn.Linear):
         if self._is_decode_step(x):
             return self._decode(x)
         if self._is_batched_step(x):
+            if self.residual_bits:  # token by token
+                tokens = x.reshape(-1, self.in_features)
+                return torch.stack([self._decode(t) for t in tokens]).reshape(*x.shape[:-1], self.out_features)
             return kernels.decode_topk_gemv(x, self.weight.t(), self.bias, self.keep_k)
-        if self._is_batched_residual_step(x):  # token by token: no float copy of the residual weight per call
-            tokens = x.reshape(-1, self.in_features)
-            return torch.stack([self._decode(token) for token in tokens]).reshape(*x.shape[:-1], self.out_features)
         if self.kept_per_token >= self.in_features:
             return F.linear(x, self.weight, self.bias)
         sparse = sparsify_activation(x, self.keep_k, block_size=self.block_size, l2_rescale=self.l2_rescale,

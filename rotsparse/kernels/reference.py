@@ -151,6 +151,15 @@ def unpack_int4(packed: Tensor, out: int) -> Tensor:
     return torch.cat((unpacked, tail & 15, tail >> 4), -1)
 
 
+def int4_weight(packed_t: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (in, out) weight a packed int4 weight (in, out / 2) with group scales (in / group, out) float16 stands
+    for, ``scales[i // group, j] * (n[i, j] - 8)``, in `dtype` (computed in float32: exact)."""
+    n_in = packed_t.shape[0]
+    groups, n_out = scales.shape
+    values = unpack_int4(packed_t, n_out).view(groups, n_in // groups, n_out).float() - 8
+    return (values * scales.float().unsqueeze(1)).reshape(n_in, n_out).to(dtype)
+
+
 def topk_gemv_int8_torch(x: Tensor, qweight_t: Tensor, scale: Tensor, bias: Optional[Tensor], keep_k: int) -> Tensor:
     """Top-K GEMV of the tokens x (..., in) through an int8 weight qweight_t (in, out) with per-output scale
     (out,) float32: ``scale * (x[kept] @ qweight_t[kept]) (+ bias)``, float32 accumulation."""
@@ -183,8 +192,7 @@ def topk_gemv_int4_torch(x: Tensor, packed_t: Tensor, scales: Tensor, bias: Opti
     n_in = packed_t.shape[0]
     groups, n_out = scales.shape
     if x.numel() != n_in:
-        weight = (unpack_int4(packed_t, n_out).float() - 8) * scales.float().repeat_interleave(n_in // groups, 0)
-        acc = group_int8_activations(topk_mask(x, keep_k), n_in // groups) @ weight
+        acc = group_int8_activations(topk_mask(x, keep_k), n_in // groups) @ int4_weight(packed_t, scales, torch.float32)
         return (acc if bias is None else acc + bias.float()).to(x.dtype)
     x1 = x.reshape(n_in)
     indices = topk_indices_torch(x1, keep_k)

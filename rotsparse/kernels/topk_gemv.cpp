@@ -866,6 +866,18 @@ alignas(64) constexpr uint8_t kInt4Interleave[64] = {
     37, 53, 6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58,
     11, 27, 43, 59, 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
 
+// The 32 columns at byte offset `off` of the quad's four rows pu[0..4) as two vectors whose int32 lanes hold one
+// column's four nibbles (columns 0-15, then 16-31; the packed layout above), for vpdpbusd.
+inline void int4_quad_nibbles(const uint8_t* const* pu, int64_t off, __m512i perm, __m512i low4, __m512i& lo,
+                              __m512i& hi) {
+  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[0] + off)));
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[1] + off)), 1);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[2] + off)), 2);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[3] + off)), 3);
+  lo = _mm512_permutexvar_epi8(perm, _mm512_and_si512(v, low4));
+  hi = _mm512_permutexvar_epi8(perm, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+}
+
 // ip[0..nfull) += sum_r q[r] * n[idx[r], j0 + j] (int32) for rows idx[s0..s1) of one
 // group, nfull a multiple of 32.  Rows stream in passes of RS_INT4_QUADS x 4 rows over
 // the accumulators (whole rows: scattered rows read column-block by column-block thrash
@@ -899,14 +911,10 @@ void accumulate_int4_rows_vnni(int32_t* RS_RESTRICT ip, int64_t nfull, const uin
         for (int r = 0; r < 4 * quads; ++r) RS_PREFETCH(next[r] + j / 2);
       __m512i i0 = _mm512_loadu_si512(ip + j), i1 = _mm512_loadu_si512(ip + j + 16);
       for (int u = 0; u < quads; ++u) {
-        const uint8_t* const* pu = p + 4 * u;
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[0] + j / 2)));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[1] + j / 2)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[2] + j / 2)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[3] + j / 2)), 3);
-        i0 = _mm512_dpbusd_epi32(i0, _mm512_permutexvar_epi8(perm, _mm512_and_si512(v, low4)), a[u]);
-        i1 = _mm512_dpbusd_epi32(
-            i1, _mm512_permutexvar_epi8(perm, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)), a[u]);
+        __m512i lo, hi;
+        int4_quad_nibbles(p + 4 * u, j / 2, perm, low4, lo, hi);
+        i0 = _mm512_dpbusd_epi32(i0, lo, a[u]);
+        i1 = _mm512_dpbusd_epi32(i1, hi, a[u]);
       }
       _mm512_storeu_si512(ip + j, i0);
       _mm512_storeu_si512(ip + j + 16, i1);
@@ -1091,18 +1099,6 @@ Int4Pass int4_pass(const X* x, int M, int64_t n, int64_t keep_k, int64_t group) 
 }
 
 #if RS_INT4_VNNI
-// The 32 columns at byte offset `off` of the quad's four rows pu[0..4) as two vectors whose int32 lanes hold one
-// column's four nibbles (columns 0-15, then 16-31; the packed layout above), for vpdpbusd.
-inline void int4_quad_nibbles(const uint8_t* const* pu, int64_t off, __m512i perm, __m512i low4, __m512i& lo,
-                              __m512i& hi) {
-  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[0] + off)));
-  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[1] + off)), 1);
-  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[2] + off)), 2);
-  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(pu[3] + off)), 3);
-  lo = _mm512_permutexvar_epi8(perm, _mm512_and_si512(v, low4));
-  hi = _mm512_permutexvar_epi8(perm, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
-}
-
 // acc[m][j] += scales[j] * d[m] * (sums[m][j] - 8 * qsum[m]) for the 32 columns at j (sums: int32 vectors).
 template <int M>
 inline void int4_scale_sums(float* acc, int64_t len, int64_t j, const c10::Half* sg, const float* d,
