@@ -25,8 +25,8 @@ INT8_KERNEL_MAX_TOKENS = 1024
 is 36-190x faster at 2-16 tokens, 10-13x at 64, 2.9-3.6x at 256 and 1.2-1.3x at 1024 tokens per Llama-2-7B
 matrix (eval/results/batch_kernel_int8.md, batch_kernel_int8_long.md)."""
 INT4_KERNEL_MAX_TOKENS = 1024
-"""The same for int4 weights (`topk_gemv_int4`, whose alternative also dequantizes on every call): 71-396x faster
-than it at 2-16 tokens, 19-29x at 64, 5.2-7.4x at 256 and 2.1-2.6x at 1024 tokens per Llama-2-7B matrix
+"""The same for int4 weights (`topk_gemv_int4`, whose alternative also dequantizes on every call): 51-233x faster
+than it at 2-16 tokens, 14.5-23x at 64, 4.2-6.7x at 256 and 2.3-2.7x at 1024 tokens per Llama-2-7B matrix
 (eval/results/batch_kernel_int4.md, batch_kernel_int4_long.md)."""
 
 
