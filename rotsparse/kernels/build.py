@@ -22,8 +22,9 @@ C++ `topk_gemv` (passes of 8 tokens, each over the union of their kept rows) ins
 beats the masked product up to about 32 tokens and loses at 64 (eval/results/batch_kernel.md)."""
 INT8_KERNEL_MAX_TOKENS = 1024
 """The same for int8 weights (`topk_gemv_int8`), whose alternative dequantizes the weight on every call: the kernel
-is 36-190x faster at 2-16 tokens, 10-13x at 64, 2.9-3.6x at 256 and 1.2-1.3x at 1024 tokens per Llama-2-7B
-matrix (eval/results/batch_kernel_int8.md, batch_kernel_int8_long.md)."""
+is 25-159x faster at 2-16 tokens, 5.6-8.0x at 64 and 2.0-2.3x at 256 tokens per Llama-2-7B matrix at 50%, and
+the two meet at 1024 tokens (0.93-0.99x: a float32 dequantization and one GEMM; eval/results/batch_kernel_int8.md,
+batch_kernel_int8_long.md)."""
 INT4_KERNEL_MAX_TOKENS = 1024
 """The same for int4 weights (`topk_gemv_int4`, whose alternative also dequantizes on every call): 51-233x faster
 than it at 2-16 tokens, 14.5-23x at 64, 4.2-6.7x at 256 and 2.3-2.7x at 1024 tokens per Llama-2-7B matrix
